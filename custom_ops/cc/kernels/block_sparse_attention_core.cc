@@ -1,0 +1,347 @@
+// CPU core of fused block-sparse attention: small register-blocked GEMMs over
+// bs x bs tiles, an online softmax (flash-attention style) in float32, and a
+// backward pass that recomputes probabilities from the saved log-sum-exp.
+#include "custom_ops/cc/kernels/block_sparse_attention_core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace st_keras {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One SIMD register of floats: 16 lanes with AVX-512, 8 otherwise (AVX2, or
+// split by the compiler on older targets). Loads and stores go through
+// memcpy: no alignment is assumed.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(v)); }
+
+// C[R x N] (+)= A[R x K] * B[K x N]; all row-major with leading dimensions.
+// Vectorised over N, kRows rows of A and kVecs registers of C per pass.
+template <int kRows, int kVecs, bool kAccumulate>
+inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
+                      int64_t ldb, float* C, int64_t ldc) {
+  Vec acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) {
+      acc[r][v] = kAccumulate ? Load(C + r * ldc + kLanes * v) : Vec{};
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[kVecs];
+    for (int v = 0; v < kVecs; ++v) b[v] = Load(B + k * ldb + kLanes * v);
+    for (int r = 0; r < kRows; ++r) {
+      const float a = A[r * lda + k];
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) Store(C + r * ldc + kLanes * v, acc[r][v]);
+  }
+}
+
+template <int kRows, bool kAccumulate>
+inline void GemmRows(int64_t K, int64_t N, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 2 * kLanes <= N; n += 2 * kLanes) {
+    GemmPanel<kRows, 2, kAccumulate>(K, A, lda, B + n, ldb, C + n, ldc);
+  }
+  for (; n + kLanes <= N; n += kLanes) {
+    GemmPanel<kRows, 1, kAccumulate>(K, A, lda, B + n, ldb, C + n, ldc);
+  }
+  for (; n < N; ++n) {  // scalar tail when N is not a multiple of kLanes
+    for (int r = 0; r < kRows; ++r) {
+      float s = kAccumulate ? C[r * ldc + n] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += A[r * lda + k] * B[k * ldb + n];
+      C[r * ldc + n] = s;
+    }
+  }
+}
+
+template <bool kAccumulate>
+void Gemm(int64_t R, int64_t K, int64_t N, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    GemmRows<4, kAccumulate>(K, N, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+  }
+  for (; r < R; ++r) {
+    GemmRows<1, kAccumulate>(K, N, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+  }
+}
+
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Broadcast(float x) { return Vec{} + x; }
+
+inline float HorizontalMax(const Vec& v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+inline float HorizontalSum(const Vec& v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for x <= 0 lane-wise, about 1 ulp; x < -87 (and -inf) gives exactly
+// 0, NaN stays NaN. 2^t with t = x log2(e) split as integer + [-0.5, 0.5]
+// and a degree-7 polynomial.
+inline Vec ExpNonPositive(const Vec& x_in) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2 = 0.69314718055994531f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: round to nearest
+  const Vec lo = Broadcast(-87.0f);
+  const IntVec tiny = x_in < lo;
+  const Vec x = tiny ? lo : x_in;  // NaN compares false and stays NaN
+  const Vec t = x * kLog2e;
+  const Vec shifted = t + kRound;
+  const Vec f = (t - (shifted - kRound)) * kLn2;  // |f| <= ln2 / 2
+  Vec p = Broadcast(1.0f / 5040.0f);
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  IntVec bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  constexpr int32_t kRoundBits = 0x4B400000;  // bit pattern of kRound
+  const IntVec exponent = (bits - kRoundBits + 127) << 23;
+  Vec pow2;
+  std::memcpy(&pow2, &exponent, sizeof(pow2));
+  return tiny ? Vec{} : p * pow2;
+}
+
+// Sets scores of keys outside the token mask or past the key length to -inf.
+// s is [bs, bs] indexed [query][key] unless kTransposed ([key][query]).
+template <bool kTransposed>
+void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
+              int64_t h, int64_t key_block, int32_t mask, float* s) {
+  const int64_t bs = lay.block_size;
+  if (mask >= 0) {
+    const uint8_t* m = lay.masks + mask * bs * bs;
+    for (int64_t i = 0; i < bs; ++i) {
+      for (int64_t j = 0; j < bs; ++j) {
+        const uint8_t keep = m[i * bs + j];
+        float& x = kTransposed ? s[j * bs + i] : s[i * bs + j];
+        x = keep ? x : kNegInf;
+      }
+    }
+  }
+  if (shape.key_lengths != nullptr) {
+    const int32_t len = shape.key_lengths[b];
+    for (int64_t j = 0; j < bs; ++j) {
+      const int64_t p = key_block * bs + j;
+      const int64_t pos = shape.key_positions != nullptr
+                              ? shape.key_positions[h * shape.seq_len + p]
+                              : p;
+      if (pos < len) continue;
+      for (int64_t i = 0; i < bs; ++i) {
+        (kTransposed ? s[j * bs + i] : s[i * bs + j]) = kNegInf;
+      }
+    }
+  }
+}
+
+bool TileNeedsMask(const AttentionShape& shape, int32_t mask) {
+  return mask >= 0 || shape.key_lengths != nullptr;
+}
+
+}  // namespace
+
+void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
+                    int64_t block_size, int64_t head_dim, float* dst,
+                    const ParallelFor& parallel_for) {
+  const int64_t tile = block_size * head_dim;
+  parallel_for(groups * num_blocks, 2 * tile, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* s = src + t * tile;  // [bs, d]
+      float* o = dst + t * tile;        // [d, bs]
+      for (int64_t i = 0; i < block_size; ++i) {
+        for (int64_t c = 0; c < head_dim; ++c) {
+          o[c * block_size + i] = s[i * head_dim + c];
+        }
+      }
+    }
+  });
+}
+
+void RowDeltas(const float* dout, const float* out, const float* dlse,
+               int64_t rows, int64_t head_dim, float* delta,
+               const ParallelFor& parallel_for) {
+  parallel_for(rows, 2 * head_dim, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float s = 0.0f;
+      for (int64_t c = 0; c < head_dim; ++c) {
+        s += dout[r * head_dim + c] * out[r * head_dim + c];
+      }
+      delta[r] = s - (dlse != nullptr ? dlse[r] : 0.0f);
+    }
+  });
+}
+
+void BlockSparseAttentionForward(const ForwardArgs& args,
+                                 const ParallelFor& parallel_for) {
+  const AttentionShape& shape = args.shape;
+  const LayoutTables& lay = args.layout;
+  const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
+  const int64_t bs = lay.block_size, nb = lay.num_blocks;
+  const int64_t nnz = lay.row_ptr[H * nb];
+  const int64_t tiles_per_row = std::max<int64_t>(1, nnz / (H * nb));
+  const int64_t cost = tiles_per_row * bs * bs * (4 * d + 20);
+  const float scale = shape.scale;
+
+  parallel_for(shape.batch * H * nb, cost, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(bs * bs), acc(bs * d), m(bs), l(bs);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t qb = unit % nb;
+      const int64_t bh = unit / nb;
+      const int64_t b = bh / H, h = bh % H;
+      const float* q = args.q + (bh * n + qb * bs) * d;  // [bs, d]
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      for (int32_t e = lay.row_ptr[h * nb + qb];
+           e < lay.row_ptr[h * nb + qb + 1]; ++e) {
+        const int64_t kb = lay.col_idx[e];
+        const float* kt = args.kt + (bh * nb + kb) * d * bs;  // [d, bs]
+        const float* v = args.v + (bh * n + kb * bs) * d;     // [bs, d]
+        // Raw scores q.k; the scale (> 0) is applied inside the softmax.
+        Gemm<false>(bs, d, bs, q, d, kt, bs, s.data(), bs);   // [bs, bs]
+        if (TileNeedsMask(shape, lay.mask_idx[e])) {
+          MaskTile<false>(shape, lay, b, h, kb, lay.mask_idx[e], s.data());
+        }
+        for (int64_t i = 0; i < bs; ++i) {
+          float* row = s.data() + i * bs;
+          Vec vmax = Load(row);
+          for (int64_t j = kLanes; j < bs; j += kLanes) {
+            const Vec x = Load(row + j);
+            vmax = x > vmax ? x : vmax;
+          }
+          const float m_new = std::max(m[i], HorizontalMax(vmax) * scale);
+          if (m_new == kNegInf) {  // nothing attended yet in this row
+            std::fill(row, row + bs, 0.0f);
+            continue;
+          }
+          const float alpha = std::exp(m[i] - m_new);
+          const Vec shift = Broadcast(m_new);
+          Vec vsum{};
+          for (int64_t j = 0; j < bs; j += kLanes) {
+            const Vec p = ExpNonPositive(Load(row + j) * scale - shift);
+            Store(row + j, p);
+            vsum += p;
+          }
+          l[i] = l[i] * alpha + HorizontalSum(vsum);
+          m[i] = m_new;
+          if (alpha != 1.0f) {
+            float* a = acc.data() + i * d;
+            for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
+          }
+        }
+        Gemm<true>(bs, bs, d, s.data(), bs, v, d, acc.data(), d);  // [bs, d]
+      }
+      float* out = args.out + (bh * n + qb * bs) * d;
+      float* lse = args.lse + bh * n + qb * bs;
+      for (int64_t i = 0; i < bs; ++i) {
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int64_t c = 0; c < d; ++c) out[i * d + c] = acc[i * d + c] * inv;
+        lse[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kNegInf;
+      }
+    }
+  });
+}
+
+void BlockSparseAttentionBackward(const BackwardArgs& args,
+                                  const ParallelFor& parallel_for) {
+  const AttentionShape& shape = args.shape;
+  const LayoutTables& lay = args.layout;
+  const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
+  const int64_t bs = lay.block_size, nb = lay.num_blocks;
+  const int64_t nnz = lay.col_ptr[H * nb];
+  const int64_t cost =
+      std::max<int64_t>(1, nnz / H) * bs * bs * (10 * d + 30);
+  const float scale = shape.scale;
+
+  parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end) {
+    // pt: probabilities [key, query]; dpt: dP then dS, [key, query];
+    // ds: dS transposed to [query, key].
+    std::vector<float> pt(bs * bs), dpt(bs * bs), ds(bs * bs);
+    std::vector<float> dk_acc(bs * d), dv_acc(bs * d);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* dq = args.dq + bh * n * d;
+      std::fill(dq, dq + n * d, 0.0f);
+      for (int64_t kb = 0; kb < nb; ++kb) {
+        const float* k = args.k + (bh * n + kb * bs) * d;  // [bs, d]
+        const float* v = args.v + (bh * n + kb * bs) * d;  // [bs, d]
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        for (int32_t e = lay.col_ptr[h * nb + kb];
+             e < lay.col_ptr[h * nb + kb + 1]; ++e) {
+          const int64_t qb = lay.row_idx[e];
+          const int64_t row0 = bh * n + qb * bs;
+          const float* qt = args.qt + (bh * nb + qb) * d * bs;        // [d, bs]
+          const float* dot = args.doutt + (bh * nb + qb) * d * bs;    // [d, bs]
+          const float* q = args.q + row0 * d;                         // [bs, d]
+          const float* dout = args.dout + row0 * d;                   // [bs, d]
+          const float* lse = args.lse + row0;                         // [bs]
+          const float* delta = args.delta + row0;                     // [bs]
+          Gemm<false>(bs, d, bs, k, d, qt, bs, pt.data(), bs);  // raw S^T
+          if (TileNeedsMask(shape, lay.col_mask_idx[e])) {
+            MaskTile<true>(shape, lay, b, h, kb, lay.col_mask_idx[e],
+                           pt.data());
+          }
+          for (int64_t j = 0; j < bs; ++j) {
+            float* row = pt.data() + j * bs;
+            for (int64_t i = 0; i < bs; i += kLanes) {
+              // Rows with lse = -inf attended nothing: probability 0.
+              const Vec lse_i = Load(lse + i);
+              const Vec p = ExpNonPositive(Load(row + i) * scale - lse_i);
+              Store(row + i, lse_i == Broadcast(kNegInf) ? Vec{} : p);
+            }
+          }
+          Gemm<true>(bs, bs, d, pt.data(), bs, dout, d, dv_acc.data(), d);
+          Gemm<false>(bs, d, bs, v, d, dot, bs, dpt.data(), bs);  // dP^T
+          for (int64_t j = 0; j < bs; ++j) {
+            for (int64_t i = 0; i < bs; ++i) {
+              const float dsv = pt[j * bs + i] * (dpt[j * bs + i] - delta[i]);
+              dpt[j * bs + i] = dsv;
+              ds[i * bs + j] = dsv;
+            }
+          }
+          Gemm<true>(bs, bs, d, dpt.data(), bs, q, d, dk_acc.data(), d);
+          Gemm<true>(bs, bs, d, ds.data(), bs, k, d, dq + qb * bs * d, d);
+        }
+        float* dk = args.dk + (bh * n + kb * bs) * d;
+        float* dv = args.dv + (bh * n + kb * bs) * d;
+        for (int64_t x = 0; x < bs * d; ++x) {
+          dk[x] = dk_acc[x] * shape.scale;
+          dv[x] = dv_acc[x];
+        }
+      }
+      for (int64_t x = 0; x < n * d; ++x) dq[x] *= shape.scale;
+    }
+  });
+}
+
+}  // namespace st_keras

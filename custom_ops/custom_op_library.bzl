@@ -1,0 +1,30 @@
+"""custom_op_library: a TensorFlow custom-op shared library (like tensorflow/addons' macro).
+
+Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) and links
+libtensorflow_framework.so.2, with the flags TF 2.21 needs (DESIGN.md §5).
+"""
+
+TF_COPTS = [
+    "-std=c++17",
+    "-D_GLIBCXX_USE_CXX11_ABI=1",
+    "-DEIGEN_MAX_ALIGN_BYTES=64",
+    "-O3",
+    "-march=native",
+    "-fPIC",
+]
+
+def custom_op_library(name, srcs = [], deps = [], copts = [], linkopts = [], **kwargs):
+    """Builds `name` (e.g. "_foo_ops.so") as a shared library loadable by tf.load_op_library."""
+    native.cc_binary(
+        name = name,
+        srcs = srcs,
+        copts = TF_COPTS + copts,
+        linkshared = 1,
+        linkstatic = 1,
+        linkopts = linkopts,
+        deps = deps + [
+            "@local_config_tf//:libtensorflow_framework",
+            "@local_config_tf//:tf_header_lib",
+        ],
+        **kwargs
+    )

@@ -1,0 +1,58 @@
+"""Packaging for st_keras.
+
+The op library st_keras/lib/_st_keras_ops.so is built by Bazel (the only builder) through
+tools/build_ops.sh when it is missing, so that, in a venv that has tensorflow-cpu installed,
+
+    pip install --no-build-isolation .
+
+gives a working package with the .so inside. Set ST_KERAS_REBUILD_OPS=1 to force a rebuild.
+"""
+
+import os
+import subprocess
+import sys
+
+from setuptools import Distribution, find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPS_SO = os.path.join(HERE, "st_keras", "lib", "_st_keras_ops.so")
+
+
+def build_op_library(python=sys.executable):
+    """Runs tools/build_ops.sh (Bazel) with `python`'s TensorFlow."""
+    env = dict(os.environ, PYTHON_BIN_PATH=python)
+    subprocess.run(["bash", os.path.join(HERE, "tools", "build_ops.sh")], env=env, check=True)
+
+
+class BuildPyWithOps(build_py):
+    """build_py that first makes sure the Bazel-built op library exists."""
+
+    def run(self):
+        if os.environ.get("ST_KERAS_REBUILD_OPS") == "1" or not os.path.isfile(OPS_SO):
+            build_op_library()
+        # data_files is computed lazily; drop any cached value so the fresh .so is picked up.
+        self.__dict__.pop("data_files", None)
+        super().run()
+
+
+class BinaryDistribution(Distribution):
+    """The wheel carries a native library: tag it for the platform, not as pure Python."""
+
+    def has_ext_modules(self):
+        return True
+
+
+setup(
+    name="st_keras",
+    version="0.1.0",
+    description="Sparse Transformer (block-sparse attention) for Keras 3 / TensorFlow",
+    packages=find_packages(include=["st_keras", "st_keras.*"]),
+    package_data={"st_keras": ["lib/*.so"]},
+    include_package_data=False,
+    python_requires=">=3.11",
+    install_requires=["tensorflow-cpu==2.21.0", "keras==3.15.1", "numpy", "PyYAML"],
+    cmdclass={"build_py": BuildPyWithOps},
+    distclass=BinaryDistribution,
+    zip_safe=False,
+)

@@ -1,0 +1,383 @@
+"""Block-sparse attention for TensorFlow: fused custom op or pure TensorFlow.
+
+`block_sparse_attention(q, k, v, layout)` computes, for every head h and
+query i, softmax(scale * q_i . k_j) over the keys j that `layout` allows,
+applied to v. Two implementations compute the same function:
+
+* ``"custom_op"``: the fused C++ kernels `SparseTransformer>BlockSparseAttention`
+  (and its gradient op) from the Bazel-built library `st_keras/lib/
+  _st_keras_ops.so`. Online softmax over the layout's tiles only; memory
+  O(n * head_dim) beyond the inputs.
+* ``"pure_tf"``: stock TensorFlow ops (gather of each query block's key
+  blocks, masked softmax). Differentiable by autodiff, works under XLA and in
+  SavedModels that stock TensorFlow Serving loads.
+
+The module-level choice is `implementation()` / `set_implementation()`,
+initialised from the environment variable ``ST_KERAS_ATTENTION`` (``auto``,
+``custom_op`` or ``pure_tf``; default ``auto``: the op when its library loads,
+else pure TensorFlow with a warning that says why the library did not load).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from st_keras import layouts as layouts_lib
+
+IMPLEMENTATIONS = ("auto", "custom_op", "pure_tf")
+ENV_IMPLEMENTATION = "ST_KERAS_ATTENTION"
+ENV_LIBRARY = "ST_KERAS_OPS_LIBRARY"
+OP_NAME = "SparseTransformer>BlockSparseAttention"
+GRAD_OP_NAME = "SparseTransformer>BlockSparseAttentionGrad"
+
+_DEFAULT_LIBRARY = os.path.join(os.path.dirname(__file__), "lib",
+                                "_st_keras_ops.so")
+_state = {"implementation": None, "library": None, "load_error": None,
+          "warned": False}
+
+
+def _check_implementation(name: str) -> str:
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{name!r}")
+  return name
+
+
+def implementation() -> str:
+  """Returns the module-wide implementation choice ('auto' by default)."""
+  if _state["implementation"] is None:
+    _state["implementation"] = _check_implementation(
+        os.environ.get(ENV_IMPLEMENTATION, "auto"))
+  return _state["implementation"]
+
+
+def set_implementation(name: str) -> None:
+  """Selects 'auto', 'custom_op' or 'pure_tf' for later calls.
+
+  Args:
+    name: one of `IMPLEMENTATIONS`.
+  """
+  _state["implementation"] = _check_implementation(name)
+
+
+def library_path() -> str:
+  """Returns the op library path: $ST_KERAS_OPS_LIBRARY or the packaged one."""
+  return os.environ.get(ENV_LIBRARY, _DEFAULT_LIBRARY)
+
+
+def load_library():
+  """Loads the op library once.
+
+  Returns:
+    The module `tf.load_op_library` returned, or None when it failed to load
+    (`load_error()` then says why).
+  """
+  if _state["library"] is None and _state["load_error"] is None:
+    path = library_path()
+    try:
+      if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist; build it with tools/build_ops.sh")
+      _state["library"] = tf.load_op_library(path)
+    except (FileNotFoundError, tf.errors.NotFoundError, OSError) as err:
+      _state["load_error"] = f"{type(err).__name__}: {err}"
+  return _state["library"]
+
+
+def load_error() -> Optional[str]:
+  """Returns why the op library failed to load, or None."""
+  load_library()
+  return _state["load_error"]
+
+
+def custom_op_available() -> bool:
+  """Whether the fused op library is loaded."""
+  return load_library() is not None
+
+
+def resolve_implementation(name: Optional[str] = None) -> str:
+  """Maps a requested implementation (None: module-wide) to the one used.
+
+  Args:
+    name: 'auto', 'custom_op', 'pure_tf' or None.
+
+  Returns:
+    'custom_op' or 'pure_tf'.
+
+  Raises:
+    RuntimeError: 'custom_op' was requested and the library failed to load.
+  """
+  name = _check_implementation(name or implementation())
+  if name == "pure_tf":
+    return name
+  if custom_op_available():
+    return "custom_op"
+  if name == "custom_op":
+    raise RuntimeError(
+        f"the block-sparse attention op library failed to load: "
+        f"{load_error()}")
+  if not _state["warned"]:
+    warnings.warn(
+        "st_keras: the fused block-sparse attention op is not loaded "
+        f"({load_error()}); falling back to the slower pure-TensorFlow "
+        f"implementation. Set {ENV_IMPLEMENTATION}=pure_tf to silence this.",
+        RuntimeWarning, stacklevel=3)
+    _state["warned"] = True
+  return "pure_tf"
+
+
+# ----------------------------------------------------------------------------
+# Layout tables as tensors (cached on the layout; created outside any graph so
+# that functions capture them as constants).
+
+
+def _tables(layout: layouts_lib.Layout, index: int) -> dict:
+  cache = layout.__dict__.setdefault("_st_keras_tensors", {})
+  if index not in cache:
+    comp = layout.components[index]
+    col_ptr, row_idx, col_mask_idx = comp.transposed(layout.num_blocks)
+    with tf.init_scope():
+      perm = comp.perm
+      cache[index] = {
+          "key_positions": tf.constant(
+              np.zeros((0, 0), np.int32) if perm is None else perm),
+          "inverse_perm": None if perm is None else tf.constant(
+              np.argsort(perm, axis=1).astype(np.int32)),
+          "shared_perm": perm is None or bool((perm == perm[:1]).all()),
+          "row_ptr": tf.constant(comp.row_ptr),
+          "col_idx": tf.constant(comp.col_idx),
+          "mask_idx": tf.constant(comp.mask_idx),
+          "col_ptr": tf.constant(col_ptr),
+          "row_idx": tf.constant(row_idx),
+          "col_mask_idx": tf.constant(col_mask_idx),
+          "masks": tf.constant(comp.masks),
+      }
+  return cache[index]
+
+
+def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
+  """Row tables padded to the longest row, for the pure-TF gather."""
+  cache = layout.__dict__.setdefault("_st_keras_padded", {})
+  if index not in cache:
+    comp = layout.components[index]
+    nb, bs, heads = layout.num_blocks, layout.block_size, layout.num_heads
+    counts = np.diff(comp.row_ptr.astype(np.int64))
+    width = max(1, int(counts.max()) if counts.size else 1)
+    rows = comp.tile_rows()
+    slot = np.arange(comp.nnz) - comp.row_ptr[rows]
+    num_masks = comp.masks.shape[0]
+    empty, full = num_masks, num_masks + 1
+    gather = np.zeros((heads * nb, width), np.int32)
+    mask_sel = np.full((heads * nb, width), empty, np.int32)
+    gather[rows, slot] = (rows // nb) * nb + comp.col_idx
+    mask_sel[rows, slot] = np.where(comp.mask_idx < 0, full, comp.mask_idx)
+    masks = np.concatenate([comp.masks.astype(np.bool_),
+                            np.zeros((1, bs, bs), np.bool_),
+                            np.ones((1, bs, bs), np.bool_)])
+    perm = (np.tile(np.arange(layout.seq_len, dtype=np.int32), (heads, 1))
+            if comp.perm is None else comp.perm)
+    # Original position of every gathered key: [heads, nb, width * bs].
+    key_block_pos = perm.reshape(heads * nb, bs)[gather.reshape(-1)]
+    with tf.init_scope():
+      cache[index] = {
+          "width": width,
+          "gather": tf.constant(gather.reshape(-1)),
+          "mask_sel": tf.constant(mask_sel.reshape(heads, nb, width)),
+          "masks": tf.constant(masks),
+          "key_positions": tf.constant(
+              key_block_pos.reshape(heads, nb, width * bs)),
+      }
+  return cache[index]
+
+
+# ----------------------------------------------------------------------------
+# Permutations.
+
+
+def _permute(x, perm, shared: bool):
+  """Gathers axis 2 of x [B, H, n, ...] by perm [H, n] (per head)."""
+  if shared:
+    return tf.gather(x, perm[0], axis=2)
+  rank = len(x.shape)
+  order = [1, 0] + list(range(2, rank))
+  xt = tf.transpose(x, order)  # (H, B, n, ...)
+  return tf.transpose(tf.gather(xt, perm, axis=2, batch_dims=1), order)
+
+
+# ----------------------------------------------------------------------------
+# The two implementations of one component (kernel coordinates).
+
+
+def _component_custom_op(q, k, v, tables, scale, key_lengths):
+  """Returns (out [B, H, n, d] q.dtype, lse [B, H, n] float32)."""
+  return load_library().sparse_transformer_block_sparse_attention(
+      q, k, v, key_lengths, tables["key_positions"], tables["row_ptr"],
+      tables["col_idx"], tables["mask_idx"], tables["col_ptr"],
+      tables["row_idx"], tables["col_mask_idx"], tables["masks"],
+      scale=scale)
+
+
+def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):
+  """Gather-based masked softmax; returns (out q.dtype, lse float32)."""
+  t = _padded_tables(layout, index)
+  batch = tf.shape(q)[0]
+  heads, n, d = layout.num_heads, layout.seq_len, q.shape[-1]
+  nb, bs, width = layout.num_blocks, layout.block_size, t["width"]
+  q32, k32, v32 = (tf.cast(x, tf.float32) for x in (q, k, v))
+  qb = tf.reshape(q32, [batch, heads, nb, bs, d])  # (B, H, nb, bs, d)
+  kv_shape = [batch, heads, nb, width * bs, d]
+  kg = tf.reshape(tf.gather(tf.reshape(k32, [batch, heads * nb, bs, d]),
+                            t["gather"], axis=1), kv_shape)
+  vg = tf.reshape(tf.gather(tf.reshape(v32, [batch, heads * nb, bs, d]),
+                            t["gather"], axis=1), kv_shape)
+  scores = tf.einsum("bhnqd,bhnkd->bhnqk", qb, kg) * scale
+  # (B, H, nb, bs, width * bs)
+  mask = tf.gather(t["masks"], t["mask_sel"])  # (H, nb, width, bs, bs)
+  mask = tf.reshape(tf.transpose(mask, [0, 1, 3, 2, 4]),
+                    [1, heads, nb, bs, width * bs])
+  if key_lengths is not None:
+    valid = (t["key_positions"][None] <
+             tf.reshape(key_lengths, [-1, 1, 1, 1]))  # (B, H, nb, width*bs)
+    mask = tf.logical_and(mask, valid[:, :, :, None, :])
+  mask = tf.broadcast_to(mask, tf.shape(scores))
+  scores = tf.where(mask, scores, -1e30)
+  row_max = tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
+  probs = tf.where(mask, tf.exp(scores - row_max), 0.0)
+  total = tf.reduce_sum(probs, axis=-1)  # (B, H, nb, bs)
+  has_key = total > 0
+  safe_total = tf.where(has_key, total, 1.0)
+  out = tf.einsum("bhnqk,bhnkd->bhnqd", probs, vg) / safe_total[..., None]
+  lse = tf.where(has_key, row_max[..., 0] + tf.math.log(safe_total),
+                 -np.inf)
+  return (tf.cast(tf.reshape(out, [batch, heads, n, d]), q.dtype),
+          tf.reshape(lse, [batch, heads, n]))
+
+
+def _merge_components(outs, lses, dtype):
+  """Log-sum-exp merge of token-disjoint partial attentions."""
+  lse = tf.stack(lses)  # (C, B, H, n)
+  top = tf.stop_gradient(tf.reduce_max(lse, axis=0))
+  top = tf.where(tf.math.is_finite(top), top, 0.0)
+  weights = tf.exp(lse - top)  # (C, B, H, n); 0 where a part had no key
+  total = tf.reduce_sum(weights, axis=0)
+  weights = weights / tf.where(total > 0, total, 1.0)
+  out = tf.add_n([tf.cast(o, tf.float32) * w[..., None]
+                  for o, w in zip(outs, tf.unstack(weights))])
+  return tf.cast(out, dtype)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+
+
+def _validate(q, k, v, layout, key_lengths):
+  if not isinstance(layout, layouts_lib.Layout):
+    raise TypeError(f"layout must be an st_keras.layouts.Layout, got "
+                    f"{type(layout).__name__}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.shape.rank is not None and x.shape.rank != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, heads, n, head_dim], "
+                       f"got shape {x.shape}")
+    if not x.dtype.is_floating:
+      raise TypeError(f"{name} must be float32, float16 or bfloat16, got "
+                      f"{x.dtype.name}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"q, k and v must share a dtype, got {q.dtype.name}, "
+                    f"{k.dtype.name}, {v.dtype.name}")
+  if q.dtype not in (tf.float32, tf.float16, tf.bfloat16):
+    raise TypeError(f"q must be float32, float16 or bfloat16, got "
+                    f"{q.dtype.name}")
+  if not (q.shape.is_compatible_with(k.shape) and
+          q.shape.is_compatible_with(v.shape)):
+    raise ValueError(f"q, k and v must have one shape, got {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  heads, n, d = q.shape[1], q.shape[2], q.shape[3]
+  if n is not None and n != layout.seq_len:
+    raise ValueError(f"layout is for seq_len {layout.seq_len} but q has "
+                     f"n = {n}")
+  if heads is not None and heads != layout.num_heads:
+    raise ValueError(f"layout has {layout.num_heads} heads but q has "
+                     f"{heads}")
+  if d is None:
+    raise ValueError("head_dim (last axis of q) must be known statically")
+  if key_lengths is not None:
+    if key_lengths.dtype != tf.int32:
+      raise TypeError(f"key_lengths must be int32, got "
+                      f"{key_lengths.dtype.name}")
+    if key_lengths.shape.rank is not None and key_lengths.shape.rank != 1:
+      raise ValueError(f"key_lengths must have shape [batch], got "
+                       f"{key_lengths.shape}")
+
+
+def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
+                           scale: Optional[float] = None, key_lengths=None,
+                           implementation: Optional[str] = None):
+  """Attention restricted to a sparse layout.
+
+  Args:
+    q: [batch, heads, n, head_dim] queries, float32, float16 or bfloat16.
+    k: keys, same shape and dtype as q.
+    v: values, same shape and dtype as q.
+    layout: an `st_keras.layouts.Layout` for n tokens and `heads` heads.
+    scale: score scale; default 1 / sqrt(head_dim).
+    key_lengths: optional int32 [batch]: keys at positions >= key_lengths[b]
+      are ignored for example b (padded batches).
+    implementation: 'auto', 'custom_op', 'pure_tf' or None for the
+      module-wide choice.
+
+  Returns:
+    [batch, heads, n, head_dim] in q's dtype. A query with no allowed key
+    gets zeros. Softmax and accumulation run in float32.
+  """
+  q = tf.convert_to_tensor(q)
+  k = tf.convert_to_tensor(k)
+  v = tf.convert_to_tensor(v)
+  if key_lengths is not None:
+    key_lengths = tf.convert_to_tensor(key_lengths)
+  _validate(q, k, v, layout, key_lengths)
+  scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+  impl = resolve_implementation(implementation)
+  outs, lses = [], []
+  for index, comp in enumerate(layout.components):
+    tables = _tables(layout, index)
+    qc, kc, vc = q, k, v
+    if comp.perm is not None:
+      perm = tables["key_positions"]
+      qc, kc, vc = (_permute(x, perm, tables["shared_perm"])
+                    for x in (q, k, v))
+    if impl == "custom_op":
+      kl = (tf.zeros([0], tf.int32) if key_lengths is None else key_lengths)
+      out, lse = _component_custom_op(qc, kc, vc, tables, scale, kl)
+    else:
+      out, lse = _component_pure_tf(qc, kc, vc, layout, index, scale,
+                                    key_lengths)
+    if comp.perm is not None:
+      inverse = tables["inverse_perm"]
+      out = _permute(out, inverse, tables["shared_perm"])
+      lse = _permute(lse, inverse, tables["shared_perm"])
+    outs.append(out)
+    lses.append(lse)
+  if len(outs) == 1:
+    return outs[0]
+  return _merge_components(outs, lses, q.dtype)
+
+
+@tf.RegisterGradient(OP_NAME)
+def _block_sparse_attention_grad(op, dout, dlse):
+  """Gradient of the fused op through its gradient op (both outputs)."""
+  q, k, v = op.inputs[:3]
+  layout_inputs = list(op.inputs[3:])
+  out, lse = op.outputs
+  if dout is None:
+    dout = tf.zeros_like(out)
+  if dlse is None:
+    dlse = tf.zeros_like(lse)
+  dq, dk, dv = load_library().sparse_transformer_block_sparse_attention_grad(
+      q, k, v, out, lse, dout, dlse, *layout_inputs,
+      scale=op.get_attr("scale"))
+  return [dq, dk, dv] + [None] * len(layout_inputs)

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One-shot, idempotent setup: .venv with pinned requirements, Bazel, and the op library
+# (st_keras/lib/_st_keras_ops.so). Safe to run repeatedly; fast when nothing changed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { echo "[setup] $*"; }
+
+# 1. Virtual environment -----------------------------------------------------------------
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating $VENV with $($PY --version 2>&1) ($(command -v "$PY"))"
+  "$PY" -m venv "$VENV"
+else
+  log "using existing $VENV ($("$VENV/bin/python" --version 2>&1))"
+fi
+VPY="$VENV/bin/python"
+
+# 2. Python requirements (skipped when already satisfied) --------------------------------
+STAMP="$VENV/.requirements.sha256"
+REQ_HASH="$(sha256sum requirements.txt | cut -d' ' -f1)"
+requirements_ok() {
+  [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]] || return 1
+  # Cheap consistency check that the pins are really installed.
+  "$VPY" - <<'PYEOF' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+from packaging.requirements import Requirement
+for line in open("requirements.txt"):
+    line = line.split("#", 1)[0].strip()
+    if not line:
+        continue
+    req = Requirement(line)
+    try:
+        v = version(req.name)
+    except PackageNotFoundError:
+        sys.exit(1)
+    if not req.specifier.contains(v, prereleases=True):
+        sys.exit(1)
+PYEOF
+}
+if requirements_ok; then
+  log "requirements.txt already satisfied"
+else
+  log "installing requirements.txt (first run takes a few minutes)"
+  start=$SECONDS
+  "$VPY" -m pip install -r requirements.txt
+  echo "$REQ_HASH" > "$STAMP"
+  log "requirements installed in $((SECONDS - start)) s"
+fi
+
+# 3. Bazel -------------------------------------------------------------------------------
+if ! command -v bazel >/dev/null 2>&1; then
+  log "bazel not found; installing bazel-bootstrap with apt-get"
+  SUDO=""
+  if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y bazel-bootstrap
+fi
+log "bazel: $(command -v bazel)"
+
+# 4. Op library (Bazel) ------------------------------------------------------------------
+PYTHON_BIN_PATH="$VPY" bash "$ROOT/tools/build_ops.sh"
+
+# 5. Smoke check: the library loads into TensorFlow ----------------------------------------
+log "checking that st_keras/lib/_st_keras_ops.so loads with tf.load_op_library"
+TF_CPP_MIN_LOG_LEVEL=3 "$VPY" -c "
+import tensorflow as tf
+lib = tf.load_op_library('st_keras/lib/_st_keras_ops.so')
+names = set(dir(lib))
+ops = sorted(n for n in names if n + '_eager_fallback' in names)
+print('[setup] op library loads; ops:', ', '.join(ops))
+"
+log "done"

@@ -675,9 +675,9 @@ def _check_compatible(layouts: Sequence[Layout], same_heads: bool) -> None:
 def union(*layouts: Layout) -> Layout:
   """Token-wise OR of layouts with the same length, block size and heads.
 
-  Components over the same token order are merged tile by tile; a component
-  over another order keeps only the tokens not already attended, so the
-  result stays token-disjoint.
+  Each component of a later layout keeps only the tokens not already
+  attended, then merges tile by tile into a component over the same token
+  order (or is appended), so the result stays token-disjoint.
 
   Args:
     *layouts: two or more `Layout`s.
@@ -691,6 +691,9 @@ def union(*layouts: Layout) -> Layout:
     nb = result.num_blocks
     comps = list(result.components)
     for oc in other.components:
+      # Keep only tokens no component of `result` holds yet; then merge tile by
+      # tile into a component over the same order, or append.
+      oc = _subtract(oc, other, result)
       same = [i for i, c in enumerate(comps)
               if np.array_equal(_perm_of(c, result.num_heads, result.seq_len),
                                 _perm_of(oc, result.num_heads,
@@ -704,7 +707,7 @@ def union(*layouts: Layout) -> Layout:
                              _component_tiles(oc, nb))],
             comps[i].perm)
       else:
-        comps.append(_subtract(oc, other, result))
+        comps.append(oc)
     result = Layout(result.seq_len, result.block_size, result.num_heads, comps,
                     name=f"union({result.name}, {other.name})")
   return result

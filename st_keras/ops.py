@@ -100,6 +100,14 @@ def custom_op_available() -> bool:
   return load_library() is not None
 
 
+def _in_xla_context() -> bool:
+  """Whether ops built now are compiled by XLA (jit_compile=True)."""
+  from tensorflow.python.framework import ops as tf_ops  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+  return control_flow_util.GraphOrParentsInXlaContext(
+      tf_ops.get_default_graph())
+
+
 def resolve_implementation(name: Optional[str] = None) -> str:
   """Maps a requested implementation (None: module-wide) to the one used.
 
@@ -107,14 +115,15 @@ def resolve_implementation(name: Optional[str] = None) -> str:
     name: 'auto', 'custom_op', 'pure_tf' or None.
 
   Returns:
-    'custom_op' or 'pure_tf'.
+    'custom_op' or 'pure_tf'. 'auto' picks 'pure_tf' inside an XLA-compiled
+    function, where custom ops cannot run.
 
   Raises:
     RuntimeError: 'custom_op' was requested and the library failed to load.
   """
   name = _check_implementation(name or implementation())
-  if name == "pure_tf":
-    return name
+  if name == "pure_tf" or (name == "auto" and _in_xla_context()):
+    return "pure_tf"
   if custom_op_available():
     return "custom_op"
   if name == "custom_op":
@@ -314,6 +323,7 @@ def _validate(q, k, v, layout, key_lengths):
                        f"{key_lengths.shape}")
 
 
+@tf.autograph.experimental.do_not_convert
 def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
                            scale: Optional[float] = None, key_lengths=None,
                            implementation: Optional[str] = None):
@@ -324,7 +334,7 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
     k: keys, same shape and dtype as q.
     v: values, same shape and dtype as q.
     layout: an `st_keras.layouts.Layout` for n tokens and `heads` heads.
-    scale: score scale; default 1 / sqrt(head_dim).
+    scale: positive score scale; default 1 / sqrt(head_dim).
     key_lengths: optional int32 [batch]: keys at positions >= key_lengths[b]
       are ignored for example b (padded batches).
     implementation: 'auto', 'custom_op', 'pure_tf' or None for the
@@ -341,6 +351,8 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
     key_lengths = tf.convert_to_tensor(key_lengths)
   _validate(q, k, v, layout, key_lengths)
   scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+  if not (np.isfinite(scale) and scale > 0):
+    raise ValueError(f"scale must be a positive finite number, got {scale}")
   impl = resolve_implementation(implementation)
   outs, lses = [], []
   for index, comp in enumerate(layout.components):

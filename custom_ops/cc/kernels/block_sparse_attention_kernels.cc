@@ -3,6 +3,7 @@
 // block_sparse_attention_core.cc.
 #define EIGEN_USE_THREADS
 
+#include <cmath>
 #include <type_traits>
 
 #include "absl/status/status.h"
@@ -115,6 +116,10 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input, float sca
         masks.shape().DebugString());
   }
   const int64_t bs = masks.dim_size(1);
+  if (bs % 16 != 0) {
+    return InvalidArg("block size (masks.shape[1]) must be a multiple of 16, "
+                      "got ", bs);
+  }
   if (n % bs != 0) {
     return InvalidArg("sequence length n = ", n,
                                    " is not a multiple of the block size ",
@@ -216,6 +221,8 @@ class BlockSparseAttentionOp : public OpKernel {
  public:
   explicit BlockSparseAttentionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES(ctx, std::isfinite(scale_) && scale_ > 0.0f,
+                InvalidArg("scale must be positive and finite, got ", scale_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -261,6 +268,8 @@ class BlockSparseAttentionGradOp : public OpKernel {
   explicit BlockSparseAttentionGradOp(OpKernelConstruction* ctx)
       : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+    OP_REQUIRES(ctx, std::isfinite(scale_) && scale_ > 0.0f,
+                InvalidArg("scale must be positive and finite, got ", scale_));
   }
 
   void Compute(OpKernelContext* ctx) override {

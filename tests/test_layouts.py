@@ -1,0 +1,179 @@
+"""Layouts against the paper's token-level formulas, written independently."""
+
+import os
+
+import numpy as np
+import pytest
+
+from st_keras import layouts
+from st_keras import plotting
+from tests import reference
+
+
+@pytest.mark.parametrize("n,bs,l,c,heads,patterns", [
+    (256, 16, 64, 16, 3, 2),
+    (384, 32, 128, 32, 2, 1),
+    (192, 16, 40, 8, 4, 3),   # l not a multiple of the block size
+    (64, 64, 128, 32, 1, 1),  # n = one block, shorter than a window
+    (512, 128, 128, 32, 2, 4),
+])
+@pytest.mark.parametrize("part", ["local", "summary", "both"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fixed_equals_formula(n, bs, l, c, heads, patterns, part, causal):
+  lay = layouts.fixed(n, block_size=bs, stride=l, summary=c, num_heads=heads,
+                      num_summary_patterns=patterns, part=part, causal=causal)
+  want = reference.fixed_mask(n, l, c, heads, patterns, part, causal)
+  np.testing.assert_array_equal(lay.to_dense(), want)
+  assert lay.density() == pytest.approx(want.mean(), abs=1e-12)
+  assert lay.num_pairs() == int(want.sum())
+
+
+@pytest.mark.parametrize("n,bs,l,heads", [
+    (256, 16, 64, 2),
+    (384, 32, 100, 1),  # n not a multiple of the stride
+    (96, 32, 7, 2),
+    (128, 128, 16, 1),  # n = one block
+    (320, 64, 128, 3),
+])
+@pytest.mark.parametrize("part", ["local", "stride", "both"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_equals_formula(n, bs, l, heads, part, causal):
+  lay = layouts.strided(n, block_size=bs, stride=l, num_heads=heads, part=part,
+                        causal=causal)
+  want = reference.strided_mask(n, l, heads, part, causal)
+  np.testing.assert_array_equal(lay.to_dense(), want)
+  assert lay.num_pairs() == int(want.sum())
+
+
+def test_strided_stride_part_is_dense_tiles_in_transposed_order():
+  # The stride part must not be computed as one key in every l inside dense
+  # tiles: in the kernel's (transposed) order the tiles it computes are at
+  # least 40% used, while tiles in original order would hold 1 key in 32.
+  lay = layouts.strided(4096, block_size=32, stride=128, num_heads=1,
+                        part="stride")
+  (comp,) = lay.components
+  assert comp.perm is not None
+  computed = comp.nnz * 32 * 32
+  assert lay.num_pairs() / computed > 0.4
+  original_order_tiles = int(lay.block_mask().sum())
+  assert computed * 8 < original_order_tiles * 32 * 32
+
+
+@pytest.mark.parametrize("n,bs,window,causal", [
+    (256, 16, 40, True), (256, 32, 32, False), (64, 64, 200, True)])
+def test_local_and_causal_and_dense(n, bs, window, causal):
+  i = np.arange(n)[:, None]
+  j = np.arange(n)[None, :]
+  want = ((i - j >= 0) & (i - j < window)) if causal else (
+      np.abs(i - j) < window)
+  lay = layouts.local(n, bs, window, num_heads=2, causal=causal)
+  np.testing.assert_array_equal(lay.to_dense(), np.stack([want, want]))
+  np.testing.assert_array_equal(layouts.causal(n, bs, 3).to_dense(),
+                                np.broadcast_to(j <= i, (3, n, n)))
+  assert layouts.dense(n, bs, 1).to_dense().all()
+
+
+def test_from_mask_roundtrip_and_block_mask():
+  rng = np.random.default_rng()
+  mask = rng.random((3, 128, 128)) < 0.05
+  mask[1, 17] = False  # an empty row
+  lay = layouts.from_mask(mask, block_size=16)
+  np.testing.assert_array_equal(lay.to_dense(), mask)
+  blocks = mask.reshape(3, 8, 16, 8, 16).any(axis=(2, 4))
+  np.testing.assert_array_equal(lay.block_mask(), blocks)
+
+
+def test_union_and_per_head():
+  n, bs = 256, 16
+  a = layouts.fixed(n, bs, stride=64, summary=16, num_heads=2,
+                    num_summary_patterns=2)
+  b = layouts.strided(n, bs, stride=48, num_heads=2, part="both")
+  u = layouts.union(a, b)
+  np.testing.assert_array_equal(u.to_dense(), a.to_dense() | b.to_dense())
+  assert u.num_pairs() == int((a.to_dense() | b.to_dense()).sum())
+  u2 = layouts.union(b, a)  # permuted component first
+  np.testing.assert_array_equal(u2.to_dense(), u.to_dense())
+  assert u2.num_pairs() == u.num_pairs()
+
+  parts = [layouts.strided(n, bs, 64, 1, part="local"),
+           layouts.strided(n, bs, 64, 2, part="stride"),
+           layouts.fixed(n, bs, 64, 16, 1)]
+  ph = layouts.per_head(*parts)
+  assert ph.num_heads == 4
+  np.testing.assert_array_equal(
+      ph.to_dense(), np.concatenate([p.to_dense() for p in parts]))
+
+
+def test_contains_matches_dense():
+  lay = layouts.union(layouts.fixed(192, 16, 64, 16, 2),
+                      layouts.strided(192, 16, 40, 2))
+  rng = np.random.default_rng()
+  h, i, j = (rng.integers(0, hi, 500) for hi in (2, 192, 192))
+  np.testing.assert_array_equal(lay.contains(h, i, j), lay.to_dense()[h, i, j])
+
+
+def _reaches_within(mask, hops):
+  """bool [n, n]: j reaches i through at most `hops` attention steps."""
+  step = mask.astype(np.int64)
+  reach = step.copy()
+  for _ in range(hops - 1):
+    reach = ((reach @ step) > 0).astype(np.int64) | reach
+  return reach > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: layouts.fixed(n, 16, stride=32, summary=8, num_heads=1),
+    lambda n: layouts.strided(n, 16, stride=16, num_heads=1),
+])
+def test_merged_patterns_connect_every_pair_within_three_hops(make):
+  n = 256
+  mask = make(n).to_dense()[0]
+  reach = _reaches_within(mask, hops=3)
+  causal = np.tril(np.ones((n, n), np.bool_))
+  assert reach[causal].all()
+  assert not reach[~causal].any()
+
+
+def test_one_part_alone_does_not_connect_everything():
+  # The check above can fail: a local-only pattern does not connect far pairs.
+  mask = layouts.fixed(256, 16, 32, 8, 1, part="local").to_dense()[0]
+  assert not _reaches_within(mask, hops=3)[255, 0]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seq_len=100), "multiple of block_size"),
+    (dict(block_size=24), "block_size"),
+    (dict(part="A3"), "part"),
+    (dict(summary=200), "summary"),
+    (dict(num_summary_patterns=5), "num_summary_patterns"),
+    (dict(num_heads=0), "num_heads"),
+])
+def test_fixed_bad_arguments(kwargs, match):
+  args = dict(seq_len=256, block_size=32, stride=128, summary=32)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    layouts.fixed(**args)
+
+
+def test_combinators_reject_mismatched_layouts():
+  with pytest.raises(ValueError, match="seq_len"):
+    layouts.union(layouts.causal(64, 16), layouts.causal(128, 16))
+  with pytest.raises(ValueError, match="num_heads"):
+    layouts.union(layouts.causal(64, 16, 1), layouts.causal(64, 16, 2))
+  with pytest.raises(ValueError, match="shape"):
+    layouts.from_mask(np.ones((2, 64, 32), np.bool_), 16)
+
+
+def test_large_layouts_build_quickly_and_stay_sparse():
+  lay = layouts.fixed(65536, 32, 128, 32, num_heads=4)
+  # Per row: the own window (<= 128 keys) plus 32 summary keys per window.
+  assert lay.density() < 0.13
+  assert layouts.strided(65536, 32, 128, 4).density() < 0.01
+
+
+def test_save_layout_png(tmp_path):
+  path = plotting.save_layout_png(layouts.fixed(256, 16, 64, 16, 1),
+                                  os.path.join(tmp_path, "fixed.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(path) > 1000

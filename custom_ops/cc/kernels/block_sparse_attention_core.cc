@@ -31,9 +31,20 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// C[R x N] (+)= A[R x K] * B[K x N]; all row-major with leading dimensions.
-// Vectorised over N, kRows rows of A and kVecs registers of C per pass.
-template <int kRows, int kVecs, bool kAccumulate>
+// C[R x N] (+)= op(A)[R x K] * B[K x N], row-major with leading dimensions;
+// op(A) = A, or A^T when kTransA (A is then stored [K x R]). Vectorised over
+// N: kRows rows of op(A) and kVecs registers of C per pass.
+template <bool kTransA>
+inline float AElement(const float* A, int64_t lda, int r, int64_t k) {
+  return kTransA ? A[k * lda + r] : A[r * lda + k];
+}
+
+template <bool kTransA>
+inline const float* ARows(const float* A, int64_t lda, int64_t r) {
+  return kTransA ? A + r : A + r * lda;
+}
+
+template <int kRows, int kVecs, bool kAccumulate, bool kTransA>
 inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
                       int64_t ldb, float* C, int64_t ldc) {
   Vec acc[kRows][kVecs];
@@ -46,7 +57,7 @@ inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
     Vec b[kVecs];
     for (int v = 0; v < kVecs; ++v) b[v] = Load(B + k * ldb + kLanes * v);
     for (int r = 0; r < kRows; ++r) {
-      const float a = A[r * lda + k];
+      const float a = AElement<kTransA>(A, lda, r, k);
       for (int v = 0; v < kVecs; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -55,34 +66,47 @@ inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
   }
 }
 
-template <int kRows, bool kAccumulate>
+template <int kRows, bool kAccumulate, bool kTransA>
 inline void GemmRows(int64_t K, int64_t N, const float* A, int64_t lda,
                      const float* B, int64_t ldb, float* C, int64_t ldc) {
   int64_t n = 0;
   for (; n + 2 * kLanes <= N; n += 2 * kLanes) {
-    GemmPanel<kRows, 2, kAccumulate>(K, A, lda, B + n, ldb, C + n, ldc);
+    GemmPanel<kRows, 2, kAccumulate, kTransA>(K, A, lda, B + n, ldb, C + n,
+                                              ldc);
   }
   for (; n + kLanes <= N; n += kLanes) {
-    GemmPanel<kRows, 1, kAccumulate>(K, A, lda, B + n, ldb, C + n, ldc);
+    GemmPanel<kRows, 1, kAccumulate, kTransA>(K, A, lda, B + n, ldb, C + n,
+                                              ldc);
   }
   for (; n < N; ++n) {  // scalar tail when N is not a multiple of kLanes
     for (int r = 0; r < kRows; ++r) {
       float s = kAccumulate ? C[r * ldc + n] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += A[r * lda + k] * B[k * ldb + n];
+      for (int64_t k = 0; k < K; ++k) {
+        s += AElement<kTransA>(A, lda, r, k) * B[k * ldb + n];
+      }
       C[r * ldc + n] = s;
     }
   }
 }
 
-template <bool kAccumulate>
+template <bool kAccumulate, bool kTransA = false>
 void Gemm(int64_t R, int64_t K, int64_t N, const float* A, int64_t lda,
           const float* B, int64_t ldb, float* C, int64_t ldc) {
+  // kMainRows rows x 2 registers of accumulators fill most of the register
+  // file: 16 registers with AVX2, 32 with AVX-512.
+  constexpr int kMainRows = kLanes == 16 ? 8 : 6;
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    GemmRows<4, kAccumulate>(K, N, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+  for (; r + kMainRows <= R; r += kMainRows) {
+    GemmRows<kMainRows, kAccumulate, kTransA>(
+        K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc);
+  }
+  for (; r + 2 <= R; r += 2) {
+    GemmRows<2, kAccumulate, kTransA>(K, N, ARows<kTransA>(A, lda, r), lda, B,
+                                      ldb, C + r * ldc, ldc);
   }
   for (; r < R; ++r) {
-    GemmRows<1, kAccumulate>(K, N, A + r * lda, lda, B, ldb, C + r * ldc, ldc);
+    GemmRows<1, kAccumulate, kTransA>(K, N, ARows<kTransA>(A, lda, r), lda, B,
+                                      ldb, C + r * ldc, ldc);
   }
 }
 
@@ -283,9 +307,8 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   const float scale = shape.scale;
 
   parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end) {
-    // pt: probabilities [key, query]; dpt: dP then dS, [key, query];
-    // ds: dS transposed to [query, key].
-    std::vector<float> pt(bs * bs), dpt(bs * bs), ds(bs * bs);
+    // pt: probabilities [key, query]; dpt: dP then dS, [key, query].
+    std::vector<float> pt(bs * bs), dpt(bs * bs);
     std::vector<float> dk_acc(bs * d), dv_acc(bs * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -324,13 +347,13 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
           Gemm<false>(bs, d, bs, v, d, dot, bs, dpt.data(), bs);  // dP^T
           for (int64_t j = 0; j < bs; ++j) {
             for (int64_t i = 0; i < bs; ++i) {
-              const float dsv = pt[j * bs + i] * (dpt[j * bs + i] - delta[i]);
-              dpt[j * bs + i] = dsv;
-              ds[i * bs + j] = dsv;
+              dpt[j * bs + i] = pt[j * bs + i] * (dpt[j * bs + i] - delta[i]);
             }
           }
           Gemm<true>(bs, bs, d, dpt.data(), bs, q, d, dk_acc.data(), d);
-          Gemm<true>(bs, bs, d, ds.data(), bs, k, d, dq + qb * bs * d, d);
+          // dQ[qb] += dS K = (dS^T)^T K.
+          Gemm<true, true>(bs, bs, d, dpt.data(), bs, k, d, dq + qb * bs * d,
+                           d);
         }
         float* dk = args.dk + (bh * n + kb * bs) * d;
         float* dv = args.dv + (bh * n + kb * bs) * d;

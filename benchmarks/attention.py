@@ -63,7 +63,7 @@ MODEL_DIM = HEADS * HEAD_DIM  # keras MHA input width
 BLOCK, STRIDE, SUMMARY = 32, 128, 32
 PATTERNS = ("fixed", "strided")
 N_ALL = (1024, 2048, 4096, 8192, 16384)
-N_OP_ONLY = (32768, 65536)
+N_OP_ONLY = (32768, 65536)  # EXTENDED_IMPLS only
 N_QUICK = (1024, 2048)
 VERIFY_N = 512
 
@@ -81,6 +81,7 @@ LABELS = {
 # --quick skips torch.compile (about 25 s a shape with a cold cache).
 QUICK_IMPLS = tuple(i for i in IMPLS if i != "torch_flex")
 CAUSAL_IMPLS = ("keras_mha", "torch_sdpa")  # pattern-independent: run once per n
+EXTENDED_IMPLS = ("custom_op", "pure_tf")  # also run at N_OP_ONLY (memory guard)
 FORWARD_ONLY_IMPLS = ("torch_flex",)
 MODES = ("fwd", "fwd_bwd")
 MODE_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
@@ -436,6 +437,9 @@ def build_runner(impl, pattern, n, mode):
   import tensorflow as tf
   q, k, v, dout = (tf.constant(a) for a in arrays)
   if impl == "keras_mha":
+    # Grappler would constant-fold the layer's n x n causal mask on the first
+    # call (24 s at n=8192); computing it per call costs little.
+    tf.config.optimizer.set_experimental_options({"constant_folding": False})
     layer = make_mha()
     rng = np.random.default_rng(1)
     x, dy = (tf.constant(rng.standard_normal((BATCH, n, MODEL_DIM), np.float32))
@@ -755,7 +759,7 @@ def estimate_peak_bytes(impl, n, mode, size):
 
 def planned_ns(impl, ns, op_ns):
   """Returns the lengths an implementation is measured at."""
-  return tuple(ns) + (tuple(op_ns) if impl == "custom_op" else ())
+  return tuple(ns) + (tuple(op_ns) if impl in EXTENDED_IMPLS else ())
 
 
 def plan(patterns, impls, ns, op_ns):
@@ -765,7 +769,7 @@ def plan(patterns, impls, ns, op_ns):
     patterns: selected patterns.
     impls: selected implementations.
     ns: lengths for every implementation.
-    op_ns: extra lengths for custom_op alone.
+    op_ns: extra lengths for EXTENDED_IMPLS alone.
 
   Returns:
     List of (impl, pattern_key, n, mode); pattern_key is "causal" for the
@@ -942,8 +946,11 @@ def notes(reps):
       "above.",
       "- keras MHA (num_heads=4, key_dim=64, inputs [1, n, 256], "
       "use_causal_mask=True) includes its q/k/v/output projections in its "
-      "time (not in its flops). keras MHA and SDPA are dense causal, so they "
-      "are measured once per n and repeated in both patterns' tables.",
+      "time (not in its flops). It runs with Grappler constant folding off: "
+      "otherwise the first call folds the n x n causal mask (24 s at "
+      "n=8192, minutes at 16384; steady-state time the same within noise). "
+      "keras MHA and SDPA are dense causal, so they are measured once per n "
+      "and repeated in both patterns' tables.",
       "- TF dense uses the pattern's exact token mask, built with tf ops from "
       "the formula and passed in as a precomputed [n, n] bool input (not "
       "timed, not in its peak). flex_attention: `torch.compile(flex_attention,"
@@ -957,7 +964,8 @@ def notes(reps):
       "framework workspace included.",
       "- peer / op: the row's time divided by st_keras custom_op's at the "
       "same pattern, n and mode: > 1 means the op is faster.",
-      f"- A config whose estimated peak exceeds {MEMORY_GUARD_GIB:.0f} GiB is "
+      "- Beyond n=16384 only st_keras runs (pure_tf where it fits). "
+      f"A config whose estimated peak exceeds {MEMORY_GUARD_GIB:.0f} GiB is "
       f"skipped ('skipped (est. X GiB)'); a child past {MEMORY_KILL_GIB:.0f} "
       "GiB RSS is killed ('OOM'); others may read 'timeout' or 'crashed'.",
       "- The machine is shared and noisy: compare ratios within this run "
@@ -970,8 +978,8 @@ def render_section(meta, patterns, impls, ns, op_ns, results, sizes,
   """Renders the whole BENCHMARKS.md section.
 
   Args:
-    meta: dict with command, date, machine, versions, matmul, checks, errors,
-      reps.
+    meta: dict with command, date, wall_min, machine, versions, op_error,
+      matmul ({"start": GFLOP/s, "end": GFLOP/s}), checks, errors, reps.
     patterns, impls, ns, op_ns: what was planned.
     results: {key: result}.
     sizes: the prepare job's sizes.
@@ -980,8 +988,8 @@ def render_section(meta, patterns, impls, ns, op_ns, results, sizes,
   Returns:
     The section text, markers included.
   """
-  matmul = meta["matmul"]
-  reference = max(matmul)
+  reference = max(meta["matmul"].values())
+  rates = ", ".join(f"{g:.1f} ({when})" for when, g in meta["matmul"].items())
   versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
   lines = [
       SECTION_BEGIN,
@@ -992,8 +1000,8 @@ def render_section(meta, patterns, impls, ns, op_ns, results, sizes,
       f"- Machine: {meta['machine']}",
       f"- Versions: {versions}",
       f"- float32 matmul rate (tf.matmul {MATMUL_N}x{MATMUL_N}, median of "
-      f"{MATMUL_RUNS}): " + " / ".join(f"{g:.1f}" for g in matmul) +
-      f" GFLOP/s (start / end of the run); % of matmul uses {reference:.1f}.",
+      f"{MATMUL_RUNS}), GFLOP/s at the start and end of the run: {rates}; "
+      f"'% of matmul' uses {reference:.1f}.",
       f"- Problem: B={BATCH}, H={HEADS}, head_dim={HEAD_DIM}, float32; fixed "
       f"pattern l={STRIDE}, c={SUMMARY}; strided l={STRIDE}; block {BLOCK}; "
       "causal, merged heads (A1 | A2).",
@@ -1062,7 +1070,8 @@ def write_plot(path, patterns, impls, ns, op_ns, results):
                   if results.get((impl, key_pattern, n, mode),
                                  {}).get("status") == "ok"]
         if points:
-          ax.plot(*zip(*points), marker="o", label=LABELS[impl])
+          ax.plot(*zip(*points), marker="o", label=LABELS[impl],
+                  color=f"C{IMPLS.index(impl)}")
       ax.set_xscale("log", base=2)
       ax.set_yscale("log")
       ax.set_xlabel("sequence length n")
@@ -1165,13 +1174,16 @@ def main(argv=None):
     return 1
   for line in prep["checks"]:
     print(f"[check] {line}", file=sys.stderr)
-  matmul = [run_isolated(ctx, {"job": "matmul"}, args.timeout)]
+  first = run_isolated(ctx, {"job": "matmul"}, args.timeout)
+  if first["status"] != "ok":
+    print(f"[attention] matmul reference failed: {first}", file=sys.stderr)
+    return 1
   keys = plan(args.patterns, args.impls, args.ns, args.op_ns)
   results = run_all(ctx, keys, prep["sizes"], args.reps, args.timeout)
-  matmul.append(run_isolated(ctx, {"job": "matmul"}, args.timeout))
-  if any(m["status"] != "ok" for m in matmul):
-    print(f"[attention] matmul reference failed: {matmul}", file=sys.stderr)
-    return 1
+  last = run_isolated(ctx, {"job": "matmul"}, args.timeout)
+  matmul = {"start": first["gflops"]}
+  if last["status"] == "ok":
+    matmul["end"] = last["gflops"]
   meta = {
       "command": command_line(argv),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -1180,7 +1192,7 @@ def main(argv=None):
       "machine": machine_description(),
       "versions": prep["versions"],
       "op_error": prep["op_error"],
-      "matmul": [m["gflops"] for m in matmul],
+      "matmul": matmul,
       "checks": prep["checks"],
       "errors": [f"{k[0]} {k[1]} n={k[2]} {k[3]}: {r['error']}"
                  for k, r in results.items() if "error" in r],

@@ -409,3 +409,30 @@ class TestBadInput:
           np.zeros((0, 0), np.int32), comp.row_ptr, comp.col_idx,
           comp.mask_idx, col_ptr, row_idx, col_mask_idx, comp.masks,
           scale=0.1)
+
+
+def test_pure_tf_path_exports_to_a_savedmodel_of_stock_ops(tmp_path):
+  lay = PATTERNS["strided"]()
+  q, k, v = _inputs(2, lay.num_heads, lay.seq_len, 32)
+  spec = tf.TensorSpec([None, lay.num_heads, lay.seq_len, 32], tf.float32)
+  module = tf.Module()
+  module.attend = tf.function(
+      lambda q, k, v: ops.block_sparse_attention(q, k, v, lay,
+                                                 implementation="pure_tf"),
+      input_signature=[spec] * 3)
+  path = str(tmp_path / "saved")
+  tf.saved_model.save(module, path, options=tf.saved_model.SaveOptions(
+      experimental_custom_gradients=False))
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+    proto.ParseFromString(f.read())
+  graph = proto.meta_graphs[0].graph_def
+  op_types = {n.op for n in graph.node} | {
+      n.op for fn in graph.library.function for n in fn.node_def}
+  assert "Einsum" in op_types
+  assert not any(t.startswith("SparseTransformer") for t in op_types)
+  reloaded = tf.saved_model.load(path)
+  want, _ = reference.attention(q, k, v, lay.to_dense(), 32**-0.5)
+  np.testing.assert_allclose(reloaded.attend(q, k, v).numpy(), want,
+                             atol=2e-5)

@@ -948,7 +948,8 @@ def notes(reps):
       "use_causal_mask=True) includes its q/k/v/output projections in its "
       "time (not in its flops). It runs with Grappler constant folding off: "
       "otherwise the first call folds the n x n causal mask (24 s at "
-      "n=8192, minutes at 16384; steady-state time the same within noise). "
+      "n=8192, minutes at 16384; steady-state time the same within noise), "
+      "so its peak includes that per-call mask. "
       "keras MHA and SDPA are dense causal, so they are measured once per n "
       "and repeated in both patterns' tables.",
       "- TF dense uses the pattern's exact token mask, built with tf ops from "

@@ -23,7 +23,6 @@ Public constructors: `fixed`, `strided`, `local`, `causal`, `dense`, `union`,
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np

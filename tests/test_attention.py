@@ -40,6 +40,12 @@ PATTERNS = {
         layouts.fixed(128, 16, 32, 8, 1)),
     "from_mask": lambda: layouts.from_mask(
         np.random.default_rng().random((2, 64, 64)) < 0.15, 16),
+    # 13 query blocks: the kernel's groups of consecutive query blocks end
+    # part-way, and runs in the column table are broken at random.
+    "from_mask_ragged_groups": lambda: layouts.from_mask(
+        np.random.default_rng().random((3, 208, 208)) < 0.3, 16),
+    # Columns of 20 consecutive query blocks: longer than one kernel run.
+    "causal_long_columns": lambda: layouts.causal(320, 16, num_heads=1),
 }
 
 

@@ -15,21 +15,24 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // One SIMD register of floats: 16 lanes with AVX-512, 8 otherwise (AVX2, or
-// split by the compiler on older targets). Loads and stores go through
-// memcpy: no alignment is assumed.
+// split by the compiler on older targets). Loads and stores go through an
+// alias of the same type with 4-byte alignment: no alignment is assumed.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
 constexpr int kLanes = 8;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float UnalignedVec
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(4),
+                   may_alias));
 
 inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const UnalignedVec*>(p);
 }
-inline void Store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void Store(float* p, const Vec& v) {
+  *reinterpret_cast<UnalignedVec*>(p) = v;
+}
 
 // C[R x N] (+)= op(A)[R x K] * B[K x N], row-major with leading dimensions;
 // op(A) = A, or A^T when kTransA (A is then stored [K x R]). Vectorised over
@@ -93,18 +96,25 @@ template <bool kAccumulate, bool kTransA = false>
 void Gemm(int64_t R, int64_t K, int64_t N, const float* A, int64_t lda,
           const float* B, int64_t ldb, float* C, int64_t ldc) {
   // kMainRows rows x 2 registers of accumulators fill most of the register
-  // file: 16 registers with AVX2, 32 with AVX-512. Rows left over go in
-  // 4-row panels (a 2-row panel would waste half its loads), e.g.
-  // 32 = 6 + 6 + 6 + 6 + 4 + 4.
+  // file: 16 registers with AVX2, 32 with AVX-512. R is cut into panels of
+  // kMainRows and kMainRows - 1 rows where it can be (32 = 6 + 6 + 5 + 5 +
+  // 5 + 5 with AVX2): a panel with fewer accumulators than FMA latency x
+  // throughput stalls on its dependency chains.
   constexpr int kMainRows = kLanes == 16 ? 8 : 6;
-  int64_t main_panels = R / kMainRows;
-  if (R % kMainRows != 0 && R % kMainRows < 4 && main_panels > 0) {
-    --main_panels;
-  }
+  const int64_t panels = (R + kMainRows - 1) / kMainRows;
+  const bool split = R >= panels * (kMainRows - 1);
+  const int64_t full_panels =
+      split ? R - panels * (kMainRows - 1) : R / kMainRows;
   int64_t r = 0;
-  for (; r < main_panels * kMainRows; r += kMainRows) {
+  for (; r < full_panels * kMainRows; r += kMainRows) {
     GemmRows<kMainRows, kAccumulate, kTransA>(
         K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc);
+  }
+  if (split) {
+    for (; r < R; r += kMainRows - 1) {
+      GemmRows<kMainRows - 1, kAccumulate, kTransA>(
+          K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc);
+    }
   }
   for (; r + 4 <= R; r += 4) {
     GemmRows<4, kAccumulate, kTransA>(K, N, ARows<kTransA>(A, lda, r), lda, B,
@@ -197,6 +207,49 @@ bool TileNeedsMask(const AttentionShape& shape, int32_t mask) {
   return mask >= 0 || shape.key_lengths != nullptr;
 }
 
+// Consecutive query blocks are grouped so that a key tile shared by several
+// of them is multiplied once, as one taller GEMM, while it sits in L1. Groups
+// hold at most kGroupRows query rows (and at least one block).
+constexpr int64_t kGroupRows = 128;
+
+int64_t GroupBlocks(int64_t block_size) {
+  return std::max<int64_t>(1, kGroupRows / block_size);
+}
+
+// One online-softmax step for `rows` rows of raw scores s [rows, bs]: updates
+// the running max m and sum l, rescales acc [rows, d] and leaves the
+// unnormalised probabilities exp(scale * s - m) in s.
+void OnlineSoftmaxRows(int64_t rows, int64_t bs, int64_t d, float scale,
+                       float* s, float* m, float* l, float* acc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * bs;
+    Vec vmax = Load(row);
+    for (int64_t j = kLanes; j < bs; j += kLanes) {
+      const Vec x = Load(row + j);
+      vmax = x > vmax ? x : vmax;
+    }
+    const float m_new = std::max(m[i], HorizontalMax(vmax) * scale);
+    if (m_new == kNegInf) {  // nothing attended yet in this row
+      std::fill(row, row + bs, 0.0f);
+      continue;
+    }
+    const float alpha = std::exp(m[i] - m_new);
+    const Vec shift = Broadcast(m_new);
+    Vec vsum{};
+    for (int64_t j = 0; j < bs; j += kLanes) {
+      const Vec p = ExpNonPositive(Load(row + j) * scale - shift);
+      Store(row + j, p);
+      vsum += p;
+    }
+    l[i] = l[i] * alpha + HorizontalSum(vsum);
+    m[i] = m_new;
+    if (alpha != 1.0f) {
+      float* a = acc + i * d;
+      for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
+    }
+  }
+}
+
 }  // namespace
 
 void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
@@ -236,63 +289,78 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
   const LayoutTables& lay = args.layout;
   const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
+  const int64_t G = GroupBlocks(bs);
+  const int64_t groups = (nb + G - 1) / G;
   const int64_t nnz = lay.row_ptr[H * nb];
-  const int64_t tiles_per_row = std::max<int64_t>(1, nnz / (H * nb));
-  const int64_t cost = tiles_per_row * bs * bs * (4 * d + 20);
-  const float scale = shape.scale;
+  const int64_t tiles_per_group =
+      std::max<int64_t>(1, nnz / std::max<int64_t>(1, H * groups));
+  const int64_t cost = tiles_per_group * bs * bs * (4 * d + 20);
 
-  parallel_for(shape.batch * H * nb, cost, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(bs * bs), acc(bs * d), m(bs), l(bs);
+  // Unit: (batch, head, group of G query blocks). The rows of the group walk
+  // their tile lists together in key-block order; at each key block the
+  // query blocks that attend it form runs of consecutive blocks, and each
+  // run is one GEMM of up to G * bs rows.
+  parallel_for(shape.batch * H * groups, cost, [&](int64_t begin,
+                                                   int64_t end) {
+    std::vector<float> s(G * bs * bs), acc(G * bs * d), m(G * bs), l(G * bs);
+    std::vector<int32_t> cursor(G), stop(G);
+    std::vector<char> active(G);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t qb = unit % nb;
-      const int64_t bh = unit / nb;
+      const int64_t group = unit % groups;
+      const int64_t bh = unit / groups;
       const int64_t b = bh / H, h = bh % H;
-      const float* q = args.q + (bh * n + qb * bs) * d;  // [bs, d]
+      const int64_t qb0 = group * G;
+      const int64_t g_count = std::min(G, nb - qb0);
+      const float* q = args.q + (bh * n + qb0 * bs) * d;  // [g_count*bs, d]
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
-      for (int32_t e = lay.row_ptr[h * nb + qb];
-           e < lay.row_ptr[h * nb + qb + 1]; ++e) {
-        const int64_t kb = lay.col_idx[e];
+      for (int64_t g = 0; g < g_count; ++g) {
+        cursor[g] = lay.row_ptr[h * nb + qb0 + g];
+        stop[g] = lay.row_ptr[h * nb + qb0 + g + 1];
+      }
+      while (true) {
+        int64_t kb = -1;
+        for (int64_t g = 0; g < g_count; ++g) {
+          if (cursor[g] < stop[g] && (kb < 0 || lay.col_idx[cursor[g]] < kb)) {
+            kb = lay.col_idx[cursor[g]];
+          }
+        }
+        if (kb < 0) break;
+        for (int64_t g = 0; g < g_count; ++g) {
+          active[g] = cursor[g] < stop[g] && lay.col_idx[cursor[g]] == kb;
+        }
         const float* kt = args.kt + (bh * nb + kb) * d * bs;  // [d, bs]
         const float* v = args.v + (bh * n + kb * bs) * d;     // [bs, d]
-        // Raw scores q.k; the scale (> 0) is applied inside the softmax.
-        Gemm<false>(bs, d, bs, q, d, kt, bs, s.data(), bs);   // [bs, bs]
-        if (TileNeedsMask(shape, lay.mask_idx[e])) {
-          MaskTile<false>(shape, lay, b, h, kb, lay.mask_idx[e], s.data());
-        }
-        for (int64_t i = 0; i < bs; ++i) {
-          float* row = s.data() + i * bs;
-          Vec vmax = Load(row);
-          for (int64_t j = kLanes; j < bs; j += kLanes) {
-            const Vec x = Load(row + j);
-            vmax = x > vmax ? x : vmax;
-          }
-          const float m_new = std::max(m[i], HorizontalMax(vmax) * scale);
-          if (m_new == kNegInf) {  // nothing attended yet in this row
-            std::fill(row, row + bs, 0.0f);
+        for (int64_t g0 = 0; g0 < g_count;) {
+          if (!active[g0]) {
+            ++g0;
             continue;
           }
-          const float alpha = std::exp(m[i] - m_new);
-          const Vec shift = Broadcast(m_new);
-          Vec vsum{};
-          for (int64_t j = 0; j < bs; j += kLanes) {
-            const Vec p = ExpNonPositive(Load(row + j) * scale - shift);
-            Store(row + j, p);
-            vsum += p;
+          int64_t g1 = g0 + 1;
+          while (g1 < g_count && active[g1]) ++g1;
+          const int64_t rows = (g1 - g0) * bs;
+          float* s_run = s.data();                     // [rows, bs]
+          float* acc_run = acc.data() + g0 * bs * d;   // [rows, d]
+          // Raw scores q.k; the scale (> 0) is applied inside the softmax.
+          Gemm<false>(rows, d, bs, q + g0 * bs * d, d, kt, bs, s_run, bs);
+          for (int64_t g = g0; g < g1; ++g) {
+            const int32_t mask = lay.mask_idx[cursor[g]];
+            if (TileNeedsMask(shape, mask)) {
+              MaskTile<false>(shape, lay, b, h, kb, mask,
+                              s_run + (g - g0) * bs * bs);
+            }
+            ++cursor[g];
           }
-          l[i] = l[i] * alpha + HorizontalSum(vsum);
-          m[i] = m_new;
-          if (alpha != 1.0f) {
-            float* a = acc.data() + i * d;
-            for (int64_t c = 0; c < d; ++c) a[c] *= alpha;
-          }
+          OnlineSoftmaxRows(rows, bs, d, shape.scale, s_run,
+                            m.data() + g0 * bs, l.data() + g0 * bs, acc_run);
+          Gemm<true>(rows, bs, d, s_run, bs, v, d, acc_run, d);
+          g0 = g1;
         }
-        Gemm<true>(bs, bs, d, s.data(), bs, v, d, acc.data(), d);  // [bs, d]
       }
-      float* out = args.out + (bh * n + qb * bs) * d;
-      float* lse = args.lse + bh * n + qb * bs;
-      for (int64_t i = 0; i < bs; ++i) {
+      float* out = args.out + (bh * n + qb0 * bs) * d;
+      float* lse = args.lse + bh * n + qb0 * bs;
+      for (int64_t i = 0; i < g_count * bs; ++i) {
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
         for (int64_t c = 0; c < d; ++c) out[i * d + c] = acc[i * d + c] * inv;
         lse[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kNegInf;
@@ -307,68 +375,88 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   const LayoutTables& lay = args.layout;
   const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
+  const int64_t G = GroupBlocks(bs);
   const int64_t nnz = lay.col_ptr[H * nb];
   const int64_t cost =
       std::max<int64_t>(1, nnz / H) * bs * bs * (10 * d + 30);
   const float scale = shape.scale;
 
+  // Unit: (batch, head), so that dQ is accumulated by one thread. For each
+  // key block, the query blocks of its column are cut into runs of at most
+  // G consecutive blocks; a run is handled with tall GEMMs (rows = queries)
+  // for S, dP and dQ and long ones (depth = queries) for dK and dV.
   parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end) {
-    // pt: probabilities [key, query]; dpt: dP then dS, [key, query].
-    std::vector<float> pt(bs * bs), dpt(bs * bs);
+    // p: probabilities, then dp: dP and dS; both [rows, bs] = [query, key].
+    std::vector<float> p(G * bs * bs), dp(G * bs * bs);
     std::vector<float> dk_acc(bs * d), dv_acc(bs * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       float* dq = args.dq + bh * n * d;
       std::fill(dq, dq + n * d, 0.0f);
       for (int64_t kb = 0; kb < nb; ++kb) {
-        const float* k = args.k + (bh * n + kb * bs) * d;  // [bs, d]
-        const float* v = args.v + (bh * n + kb * bs) * d;  // [bs, d]
+        const float* k = args.k + (bh * n + kb * bs) * d;       // [bs, d]
+        const float* kt = args.kt + (bh * nb + kb) * d * bs;    // [d, bs]
+        const float* vt = args.vt + (bh * nb + kb) * d * bs;    // [d, bs]
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-        for (int32_t e = lay.col_ptr[h * nb + kb];
-             e < lay.col_ptr[h * nb + kb + 1]; ++e) {
-          const int64_t qb = lay.row_idx[e];
-          const int64_t row0 = bh * n + qb * bs;
-          const float* qt = args.qt + (bh * nb + qb) * d * bs;        // [d, bs]
-          const float* dot = args.doutt + (bh * nb + qb) * d * bs;    // [d, bs]
-          const float* q = args.q + row0 * d;                         // [bs, d]
-          const float* dout = args.dout + row0 * d;                   // [bs, d]
-          const float* lse = args.lse + row0;                         // [bs]
-          const float* delta = args.delta + row0;                     // [bs]
-          Gemm<false>(bs, d, bs, k, d, qt, bs, pt.data(), bs);  // raw S^T
-          if (TileNeedsMask(shape, lay.col_mask_idx[e])) {
-            MaskTile<true>(shape, lay, b, h, kb, lay.col_mask_idx[e],
-                           pt.data());
+        const int32_t e_end = lay.col_ptr[h * nb + kb + 1];
+        for (int32_t e0 = lay.col_ptr[h * nb + kb]; e0 < e_end;) {
+          int32_t e1 = e0 + 1;
+          while (e1 < e_end && e1 - e0 < G &&
+                 lay.row_idx[e1] == lay.row_idx[e1 - 1] + 1) {
+            ++e1;
           }
-          for (int64_t j = 0; j < bs; ++j) {
-            float* row = pt.data() + j * bs;
-            for (int64_t i = 0; i < bs; i += kLanes) {
-              // Rows with lse = -inf attended nothing: probability 0.
-              const Vec lse_i = Load(lse + i);
-              const Vec p = ExpNonPositive(Load(row + i) * scale - lse_i);
-              Store(row + i, lse_i == Broadcast(kNegInf) ? Vec{} : p);
+          const int64_t rows = (e1 - e0) * bs;
+          const int64_t row0 = bh * n + lay.row_idx[e0] * bs;
+          const float* q = args.q + row0 * d;         // [rows, d]
+          const float* dout = args.dout + row0 * d;   // [rows, d]
+          const float* lse = args.lse + row0;         // [rows]
+          const float* delta = args.delta + row0;     // [rows]
+          Gemm<false>(rows, d, bs, q, d, kt, bs, p.data(), bs);  // raw S
+          for (int32_t e = e0; e < e1; ++e) {
+            const int32_t mask = lay.col_mask_idx[e];
+            if (TileNeedsMask(shape, mask)) {
+              MaskTile<false>(shape, lay, b, h, kb, mask,
+                              p.data() + (e - e0) * bs * bs);
             }
           }
-          Gemm<true>(bs, bs, d, pt.data(), bs, dout, d, dv_acc.data(), d);
-          Gemm<false>(bs, d, bs, v, d, dot, bs, dpt.data(), bs);  // dP^T
-          for (int64_t j = 0; j < bs; ++j) {
-            for (int64_t i = 0; i < bs; ++i) {
-              dpt[j * bs + i] = pt[j * bs + i] * (dpt[j * bs + i] - delta[i]);
+          for (int64_t i = 0; i < rows; ++i) {
+            // Rows with lse = -inf attended nothing: probability 0.
+            float* row = p.data() + i * bs;
+            if (lse[i] == kNegInf) {
+              std::fill(row, row + bs, 0.0f);
+              continue;
+            }
+            const Vec shift = Broadcast(lse[i]);
+            for (int64_t j = 0; j < bs; j += kLanes) {
+              Store(row + j, ExpNonPositive(Load(row + j) * scale - shift));
             }
           }
-          Gemm<true>(bs, bs, d, dpt.data(), bs, q, d, dk_acc.data(), d);
-          // dQ[qb] += dS K = (dS^T)^T K.
-          Gemm<true, true>(bs, bs, d, dpt.data(), bs, k, d, dq + qb * bs * d,
+          // dV += P^T dO.
+          Gemm<true, true>(bs, rows, d, p.data(), bs, dout, d, dv_acc.data(),
                            d);
+          Gemm<false>(rows, d, bs, dout, d, vt, bs, dp.data(), bs);  // dP
+          for (int64_t i = 0; i < rows; ++i) {
+            const Vec delta_i = Broadcast(delta[i]);
+            for (int64_t j = 0; j < bs; j += kLanes) {
+              const int64_t x = i * bs + j;
+              Store(dp.data() + x,
+                    Load(p.data() + x) * (Load(dp.data() + x) - delta_i));
+            }
+          }
+          // dK += dS^T Q and dQ += dS K (both without the scale yet).
+          Gemm<true, true>(bs, rows, d, dp.data(), bs, q, d, dk_acc.data(), d);
+          Gemm<true>(rows, bs, d, dp.data(), bs, k, d, args.dq + row0 * d, d);
+          e0 = e1;
         }
         float* dk = args.dk + (bh * n + kb * bs) * d;
         float* dv = args.dv + (bh * n + kb * bs) * d;
         for (int64_t x = 0; x < bs * d; ++x) {
-          dk[x] = dk_acc[x] * shape.scale;
+          dk[x] = dk_acc[x] * scale;
           dv[x] = dv_acc[x];
         }
       }
-      for (int64_t x = 0; x < n * d; ++x) dq[x] *= shape.scale;
+      for (int64_t x = 0; x < n * d; ++x) dq[x] *= scale;
     }
   });
 }

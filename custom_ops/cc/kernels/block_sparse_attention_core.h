@@ -69,11 +69,10 @@ struct BackwardArgs {
   AttentionShape shape;
   LayoutTables layout;
   const float* q = nullptr;      // [B, H, n, d]
-  const float* qt = nullptr;     // tile-transposed queries [B, H, nb, d, bs]
   const float* k = nullptr;      // [B, H, n, d]
-  const float* v = nullptr;      // [B, H, n, d]
+  const float* kt = nullptr;     // tile-transposed keys [B, H, nb, d, bs]
+  const float* vt = nullptr;     // tile-transposed values [B, H, nb, d, bs]
   const float* dout = nullptr;   // [B, H, n, d]
-  const float* doutt = nullptr;  // tile-transposed dout [B, H, nb, d, bs]
   const float* lse = nullptr;    // [B, H, n] from the forward pass
   const float* delta = nullptr;  // [B, H, n]: rowsum(dout * out) - dlse
   float* dq = nullptr;           // [B, H, n, d], overwritten
@@ -93,7 +92,7 @@ void RowDeltas(const float* dout, const float* out, const float* dlse,
                const ParallelFor& parallel_for);
 
 // Online-softmax attention over the layout's tiles; parallel over
-// (batch, head, query block).
+// (batch, head, group of consecutive query blocks).
 void BlockSparseAttentionForward(const ForwardArgs& args,
                                  const ParallelFor& parallel_for);
 

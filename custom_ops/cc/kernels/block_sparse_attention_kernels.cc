@@ -304,15 +304,16 @@ class BlockSparseAttentionGradOp : public OpKernel {
     ::st_keras::BackwardArgs args;
     args.shape = in.shape;
     args.layout = in.layout;
-    Tensor q32, k32, v32, out32, dout32, qt, doutt, delta, dq32, dk32, dv32;
+    Tensor q32, k32, v32, out32, dout32, kt, vt, delta, dq32, dk32, dv32;
     const float* out_f = nullptr;
+    const float* v = nullptr;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &q32, &args.q));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(1), &k32, &args.k));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(2), &v32, &args.v));
+    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(2), &v32, &v));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &out32, &out_f));
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, dout, &dout32, &args.dout));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &qt));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &doutt));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
+    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &vt));
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, lse_shape, &delta));
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, dq, &dq32, &args.dq));
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, dk, &dk32, &args.dk));
@@ -322,15 +323,15 @@ class BlockSparseAttentionGradOp : public OpKernel {
     const int64_t bh = in.shape.batch * in.shape.heads;
     const int64_t nb = in.layout.num_blocks, bs = in.layout.block_size;
     const int64_t d = in.shape.head_dim;
-    ::st_keras::TransposeTiles(args.q, bh, nb, bs, d, qt.flat<float>().data(),
+    ::st_keras::TransposeTiles(args.k, bh, nb, bs, d, kt.flat<float>().data(),
                                parallel_for);
-    ::st_keras::TransposeTiles(args.dout, bh, nb, bs, d,
-                               doutt.flat<float>().data(), parallel_for);
+    ::st_keras::TransposeTiles(v, bh, nb, bs, d, vt.flat<float>().data(),
+                               parallel_for);
     ::st_keras::RowDeltas(args.dout, out_f, dlse.flat<float>().data(),
                           bh * in.shape.seq_len, d,
                           delta.flat<float>().data(), parallel_for);
-    args.qt = qt.flat<float>().data();
-    args.doutt = doutt.flat<float>().data();
+    args.kt = kt.flat<float>().data();
+    args.vt = vt.flat<float>().data();
     args.lse = lse.flat<float>().data();
     args.delta = delta.flat<float>().data();
     ::st_keras::BlockSparseAttentionBackward(args, parallel_for);

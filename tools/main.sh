@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Sets everything up (tools/setup.sh), then runs the main job: the attention benchmark.
-# Extra args go to benchmarks/attention.py.
+# Sets everything up (tools/setup.sh), then runs the main job: trains the demo
+# model (configs/demo_text.yaml) on the Python standard library sources,
+# printing held-out bits per byte after every 100 steps, writes a text sample
+# and leaves a checkpoint and the saved model in a fresh runs/ directory.
+# Extra args go to st_keras.train (e.g. --override train.steps=100).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash tools/setup.sh
-echo "[main] .venv/bin/python benchmarks/attention.py --quick $*"
-exec .venv/bin/python benchmarks/attention.py --quick "$@"
+RUN="runs/demo_text_$(date +%Y%m%d_%H%M%S)"
+echo "[main] .venv/bin/python -m st_keras.train --config configs/demo_text.yaml --override train.output_dir=$RUN $*"
+.venv/bin/python -m st_keras.train --config configs/demo_text.yaml \
+  --override "train.output_dir=$RUN" "$@"
+echo "[main] sample ($RUN/sample.txt):"
+cat "$RUN/sample.txt"
+echo

@@ -1,0 +1,126 @@
+"""Text as bytes: any file or directory, enwik8, and the default corpus (the
+Python standard library's sources)."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+# enwik8 (the first 10^8 bytes of an English Wikipedia dump) and the
+# paper's split: 90M train, 5M valid, 5M test.
+ENWIK8_BYTES = 100_000_000
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+
+
+def list_files(path: str) -> List[str]:
+  """The files under `path` (itself if a file), sorted by path, hidden ones
+  skipped.
+
+  Raises:
+    FileNotFoundError: path does not exist or holds no file.
+  """
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no such file or directory: {path!r}")
+  files = []
+  for root, dirs, names in os.walk(path):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files.extend(os.path.join(root, n) for n in sorted(names)
+                 if not n.startswith("."))
+  if not files:
+    raise FileNotFoundError(f"{path!r} holds no file")
+  return sorted(files)
+
+
+def read_bytes(paths: Sequence[str] | str) -> np.ndarray:
+  """Concatenates the bytes of files (directories are walked, sorted).
+
+  Args:
+    paths: a path or a list of paths to files or directories.
+
+  Returns:
+    A 1-D uint8 array.
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  chunks = []
+  for path in paths:
+    for name in list_files(os.fspath(path)):
+      with open(name, "rb") as f:
+        chunks.append(np.frombuffer(f.read(), np.uint8))
+  return np.concatenate(chunks) if chunks else np.zeros([0], np.uint8)
+
+
+def enwik8_splits(path: str) -> Dict[str, np.ndarray]:
+  """The paper's enwik8 split: first 90M bytes train, next 5M valid, last 5M
+  test.
+
+  Args:
+    path: the `enwik8` file (10^8 bytes, unzipped).
+
+  Returns:
+    {'train', 'valid', 'test'} -> uint8 arrays.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"enwik8 file not found: {path!r}")
+  size = os.path.getsize(path)
+  if size != ENWIK8_BYTES:
+    raise ValueError(f"{path!r} has {size} bytes; enwik8 has exactly "
+                     f"{ENWIK8_BYTES} (is it still zipped?)")
+  data = np.fromfile(path, np.uint8)
+  train, valid, _ = ENWIK8_SPLIT
+  return {"train": data[:train], "valid": data[train:train + valid],
+          "test": data[train + valid:]}
+
+
+def stdlib_root() -> str:
+  """The directory of this Python's standard library sources."""
+  return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_manifest(valid_per_mille: int = 50) -> Dict[str, List[str]]:
+  """Splits the standard library's .py files into train and valid by file.
+
+  A file goes to valid when the CRC-32 of its path relative to the library
+  root, modulo 1000, is below `valid_per_mille`: the split depends on the
+  names only, so it is the same on every machine with the same Python.
+  site-packages and the test suites are left out.
+
+  Args:
+    valid_per_mille: share of files for validation, in thousandths.
+
+  Returns:
+    {'root': [root], 'train': [relative paths], 'valid': [relative paths]},
+    sorted.
+  """
+  root = stdlib_root()
+  split = {"root": [root], "train": [], "valid": []}
+  for name in list_files(root):
+    rel = os.path.relpath(name, root)
+    parts = rel.split(os.sep)
+    if (not rel.endswith(".py") or "site-packages" in parts or
+        "test" in parts or "tests" in parts or "idle_test" in parts):
+      continue
+    bucket = zlib.crc32(rel.encode()) % 1000
+    split["valid" if bucket < valid_per_mille else "train"].append(rel)
+  if not split["train"] or not split["valid"]:
+    raise FileNotFoundError(f"too few .py files under {root!r} for a "
+                            "train/valid split")
+  return split
+
+
+def stdlib_splits(valid_per_mille: int = 50) -> Dict[str, np.ndarray]:
+  """The default corpus: {'train', 'valid'} bytes of the standard library.
+
+  Args:
+    valid_per_mille: see `stdlib_manifest`.
+  """
+  manifest = stdlib_manifest(valid_per_mille)
+  root = manifest["root"][0]
+  return {part: read_bytes([os.path.join(root, p) for p in manifest[part]])
+          for part in ("train", "valid")}

@@ -1,0 +1,250 @@
+"""The Sparse Transformer: a decoder-only model over bytes (the paper's Sec. 5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from st_keras.layers import attention as attention_lib
+from st_keras.layers.embeddings import AxialPositionEmbedding
+from st_keras.layers.embeddings import text_axes
+from st_keras.layers.residual import SparseTransformerBlock
+
+INTEGRATIONS = ("merged", "multihead", "interleaved")
+LN2 = math.log(2.0)
+
+
+def layer_modes(pattern: str, integration: str, num_layers: int) -> list:
+  """The attention mode of each layer for an integration (Eqs. 5-8).
+
+  Args:
+    pattern: 'fixed', 'strided', 'dense' or 'local'.
+    integration: 'merged' (every head attends A1 and A2), 'multihead' (half
+      the heads each part), or 'interleaved' (layer r attends part r mod 2).
+    num_layers: number of residual blocks.
+
+  Returns:
+    A list of `SparseSelfAttention` modes, one per layer.
+  """
+  if integration not in INTEGRATIONS:
+    raise ValueError(f"integration must be one of {INTEGRATIONS}, got "
+                     f"{integration!r}")
+  if pattern in ("dense", "local") or integration != "interleaved":
+    mode = "merged" if pattern in ("dense", "local") else integration
+    return [mode] * num_layers
+  second = "summary" if pattern == "fixed" else "stride"
+  return [("local", second)[r % 2] for r in range(num_layers)]
+
+
+@keras.saving.register_keras_serializable(package="st_keras")
+class BitsPerByte(keras.metrics.Mean):
+  """Mean next-token cross-entropy in bits (bits per byte, or per dim).
+
+  Args:
+    name: metric name.
+    **kwargs: `keras.metrics.Mean` arguments.
+  """
+
+  def __init__(self, name: str = "bits_per_byte", **kwargs):
+    super().__init__(name=name, **kwargs)
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    """Accumulates the cross-entropy of logits y_pred for targets y_true."""
+    nats = keras.losses.sparse_categorical_crossentropy(
+        y_true, tf.cast(y_pred, tf.float32), from_logits=True)
+    return super().update_state(nats / LN2, sample_weight=sample_weight)
+
+
+@keras.saving.register_keras_serializable(package="st_keras")
+class SparseTransformer(keras.Model):
+  """Autoregressive Sparse Transformer over a byte vocabulary.
+
+  H0 = token embedding + position embedding; H_k = H_{k-1} +
+  resblock(H_{k-1}); logits = norm(H_N) W_out. Logits are float32 under
+  every dtype policy. Token i's logits predict token i + 1.
+
+  Args:
+    seq_len: context length n (a multiple of block_size).
+    width: model width d.
+    num_layers: residual blocks N.
+    num_heads: attention heads.
+    vocab_size: token vocabulary (256 bytes).
+    pattern: 'fixed', 'strided', 'dense' or 'local'.
+    integration: 'merged', 'multihead' or 'interleaved'.
+    stride: the pattern's l.
+    summary: the fixed pattern's c.
+    num_summary_patterns: fixed-pattern summary slots across heads.
+    block_size: attention tile size.
+    qk_ratio: query/key projection width relative to the value width.
+    ff_multiplier: feed-forward width relative to the model width.
+    dropout: residual-branch dropout rate.
+    embedding_axes: axes of the position embedding; default
+      (ceil(n / stride), stride) for text and audio; (rows, columns,
+      channels) for images.
+    recompute: recompute each block's activations in the backward pass.
+    attention_implementation: 'auto', 'custom_op', 'pure_tf' or None.
+    seed: seed of the dropout masks.
+    **kwargs: `keras.Model` arguments (name, dtype, ...).
+
+  Call arguments:
+    tokens: (batch, n') int tokens, n' <= n and a multiple of block_size.
+    training: whether dropout and recomputation are active.
+
+  Returns:
+    (batch, n', vocab_size) float32 logits.
+  """
+
+  def __init__(self, seq_len: int, width: int = 256, num_layers: int = 4,
+               num_heads: int = 4, vocab_size: int = 256,
+               pattern: str = "fixed", integration: str = "merged",
+               stride: int = 128, summary: int = 32,
+               num_summary_patterns: int = 1, block_size: int = 32,
+               qk_ratio: float = 1.0, ff_multiplier: float = 4.0,
+               dropout: float = 0.0,
+               embedding_axes: Optional[Sequence[int]] = None,
+               recompute: bool = False,
+               attention_implementation: Optional[str] = None,
+               seed: Optional[int] = None, **kwargs):
+    super().__init__(**kwargs)
+    for name, value in (("seq_len", seq_len), ("width", width),
+                        ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("vocab_size", vocab_size),
+                        ("block_size", block_size), ("stride", stride)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seq_len % block_size:
+      raise ValueError(f"seq_len {seq_len} must be a multiple of block_size "
+                       f"{block_size}")
+    self.seq_len = seq_len
+    self.width = width
+    self.num_layers = num_layers
+    self.num_heads = num_heads
+    self.vocab_size = vocab_size
+    self.pattern = pattern
+    self.integration = integration
+    self.stride = stride
+    self.summary = summary
+    self.num_summary_patterns = num_summary_patterns
+    self.block_size = block_size
+    self.qk_ratio = qk_ratio
+    self.ff_multiplier = ff_multiplier
+    self.dropout = dropout
+    self.embedding_axes = tuple(embedding_axes or text_axes(seq_len, stride))
+    self.recompute = recompute
+    self.attention_implementation = attention_implementation
+    self.seed = seed
+
+    self.token_embedding = keras.layers.Embedding(
+        vocab_size, width, embeddings_initializer="random_normal",
+        name="token_embedding")
+    self.position_embedding = AxialPositionEmbedding(
+        self.embedding_axes, name="position_embedding")
+    self.blocks = []
+    for r, mode in enumerate(layer_modes(pattern, integration, num_layers)):
+      attention = dict(
+          pattern=pattern, mode=mode, stride=stride, summary=summary,
+          num_summary_patterns=num_summary_patterns, block_size=block_size,
+          qk_ratio=qk_ratio, implementation=attention_implementation)
+      self.blocks.append(SparseTransformerBlock(
+          num_heads, attention, ff_multiplier=ff_multiplier, dropout=dropout,
+          num_layers=num_layers, recompute=recompute,
+          seed=None if seed is None else seed + r, name=f"block_{r}"))
+    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5,
+                                                      name="final_norm")
+    self.logits = keras.layers.Dense(vocab_size, dtype="float32",
+                                     name="logits")
+    self.supports_jit = all(b.supports_jit for b in self.blocks)
+
+  def build(self, input_shape=None):
+    shape = (None, self.seq_len, self.width)
+    self.token_embedding.build((None, self.seq_len))
+    self.position_embedding.build(shape)
+    for block in self.blocks:
+      block.build(shape)
+    self.final_norm.build(shape)
+    self.logits.build(shape)
+    self.built = True
+
+  def call(self, tokens, training=False):
+    if tokens.shape.rank != 2:
+      raise ValueError(f"tokens must have shape (batch, n), got "
+                       f"{tokens.shape}")
+    if tokens.shape[1] is not None and tokens.shape[1] > self.seq_len:
+      raise ValueError(f"{tokens.shape[1]} tokens exceed the context "
+                       f"seq_len={self.seq_len}")
+    h = self.token_embedding(tokens)          # (batch, n, width)
+    h = self.position_embedding(h)
+    for block in self.blocks:
+      h = block(h, training=training)
+    return self.logits(self.final_norm(h))    # (batch, n, vocab) float32
+
+  def _multi_worker(self) -> bool:
+    strategy = self._distribute_strategy
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
+
+  def _worker_logs(self, logs):
+    """Keras 3 averages step logs across workers with a reduction over
+    axis 0, which fails for scalars (keras-team/keras#20585): under
+    MultiWorkerMirroredStrategy the logs are returned with shape [1]."""
+    if not self._multi_worker():
+      return logs
+    return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+  def train_step(self, data):
+    return self._worker_logs(super().train_step(data))
+
+  def test_step(self, data):
+    return self._worker_logs(super().test_step(data))
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Builds the compiled metrics from one replica's first batch.
+
+    Keras 3 averages the first distributed batch across replicas for this,
+    which fails under MultiWorkerMirroredStrategy (keras-team/keras#20585);
+    one replica's batch has the same structure and dtypes.
+    """
+    strategy = self._distribute_strategy
+    if strategy is None or iterator is None:
+      return super()._maybe_symbolic_build(iterator, data_batch)
+    for _, _, it in iterator:
+      data_batch = tf.nest.map_structure(
+          lambda x: (strategy.experimental_local_results(x)[0]
+                     if isinstance(x, tf.distribute.DistributedValues)
+                     else x), next(it))
+      break
+    with strategy.scope():
+      self._symbolic_build(data_batch=data_batch)
+
+  def get_config(self):
+    return {
+        "name": self.name, "seq_len": self.seq_len, "width": self.width,
+        "num_layers": self.num_layers, "num_heads": self.num_heads,
+        "vocab_size": self.vocab_size, "pattern": self.pattern,
+        "integration": self.integration, "stride": self.stride,
+        "summary": self.summary,
+        "num_summary_patterns": self.num_summary_patterns,
+        "block_size": self.block_size, "qk_ratio": self.qk_ratio,
+        "ff_multiplier": self.ff_multiplier, "dropout": self.dropout,
+        "embedding_axes": list(self.embedding_axes),
+        "recompute": self.recompute,
+        "attention_implementation": self.attention_implementation,
+        "seed": self.seed,
+    }
+
+
+def compile_for_training(model: SparseTransformer, optimizer) -> None:
+  """Compiles `model` with the next-byte loss and the bits-per-byte metric.
+
+  Args:
+    model: a `SparseTransformer`.
+    optimizer: a Keras optimizer (wrapped in a LossScaleOptimizer by Keras
+      under a float16 policy).
+  """
+  model.compile(
+      optimizer=optimizer,
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=[BitsPerByte()], jit_compile=False)

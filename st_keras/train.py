@@ -1,0 +1,367 @@
+"""Training with `model.fit` under a distribution strategy, with exact resume.
+
+`train(config)` builds the strategy (MirroredStrategy over the local
+devices, or MultiWorkerMirroredStrategy when TF_CONFIG is set), the data,
+the model and AdamW (linear warm-up then cosine decay, global gradient
+clipping, weight decay), then runs `model.fit` in chunks of
+`train.checkpoint_every` steps. A checkpoint (model, optimizer and step) is
+written after every chunk and when the run is interrupted (SIGINT or
+SIGTERM); a restarted run restores it and continues with the batch that
+comes next, since training batch i is a pure function of (seed, i).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from st_keras import config as config_lib
+from st_keras import data as data_lib
+from st_keras import models
+from st_keras import sample as sample_lib
+
+LOG = logging.getLogger("st_keras.train")
+IMAGE_AXES = {"cifar10": (32, 32, 3), "imagenet64": (64, 64, 3)}
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+  """The distribution strategy of a run.
+
+  Args:
+    name: 'auto' (multi-worker when TF_CONFIG is set, else mirrored over
+      all local devices), 'mirrored', 'multi_worker' or 'none' (default
+      strategy).
+
+  Returns:
+    A `tf.distribute.Strategy`.
+  """
+  if name == "auto":
+    name = "multi_worker" if os.environ.get("TF_CONFIG") else "mirrored"
+  if name == "multi_worker":
+    if not os.environ.get("TF_CONFIG"):
+      raise ValueError("train.strategy=multi_worker needs the TF_CONFIG "
+                       "environment variable (cluster and task)")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  if name == "none":
+    return tf.distribute.get_strategy()
+  raise ValueError(f"unknown strategy {name!r}; use one of "
+                   f"{config_lib.STRATEGIES}")
+
+
+def _holdout(stream: np.ndarray, fraction: float, context: int) -> dict:
+  """Splits a byte stream: the last `fraction` (at least one window) is
+  held out."""
+  valid = max(int(stream.size * fraction), context + 1)
+  if stream.size - valid < context + 1:
+    raise ValueError(f"{stream.size} bytes are too few for a training and a "
+                     f"validation window of context {context}")
+  return {"train": stream[:-valid], "valid": stream[-valid:]}
+
+
+def load_data(cfg: config_lib.DataConfig) -> dict:
+  """Reads the run's bytes.
+
+  Returns:
+    {'train', 'valid'}: 1-D uint8 streams (text, audio) or [N, length]
+    uint8 sequences (images).
+  """
+  if cfg.kind == "text":
+    if cfg.path is None:
+      return data_lib.text.stdlib_splits()
+    return _holdout(data_lib.text.read_bytes(cfg.path), cfg.valid_fraction,
+                    cfg.context)
+  if cfg.path is None:
+    raise ValueError(f"data.path is required for data.kind={cfg.kind}")
+  if cfg.kind == "enwik8":
+    return data_lib.text.enwik8_splits(cfg.path)
+  if cfg.kind == "audio":
+    return _holdout(data_lib.audio.read_audio(cfg.path), cfg.valid_fraction,
+                    cfg.context)
+  if cfg.kind == "cifar10":
+    return {"train": data_lib.images.read_cifar10(cfg.path, "train")[0],
+            "valid": data_lib.images.read_cifar10(
+                cfg.valid_path or cfg.path, "test")[0]}
+  if cfg.valid_path is None:
+    raise ValueError("data.valid_path (the validation .npz batches) is "
+                     "required for data.kind=imagenet64")
+  return {"train": data_lib.images.read_imagenet64(cfg.path),
+          "valid": data_lib.images.read_imagenet64(cfg.valid_path)}
+
+
+def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
+                  start_step: int) -> tuple:
+  """(training stream starting at batch start_step, validation batches)."""
+  seed, context = cfg.train.seed, cfg.data.context
+  if cfg.data.kind in IMAGE_AXES:
+    length = arrays["train"].shape[1]
+    if context != length:
+      raise ValueError(f"data.context must be the image length {length} "
+                       f"for {cfg.data.kind}, got {context}")
+    # Shuffled epochs cannot be resumed mid-way by index: skip batches.
+    train = data_lib.sequence_batches(arrays["train"], global_batch,
+                                      seed=seed).skip(start_step)
+    valid = data_lib.sequence_batches(arrays["valid"], global_batch)
+  else:
+    train = data_lib.training_windows(arrays["train"], context, global_batch,
+                                      seed, start=start_step * global_batch)
+    valid = data_lib.evaluation_windows(arrays["valid"], context,
+                                        global_batch)
+  return train, valid
+
+
+def build_model(cfg: config_lib.Config) -> models.SparseTransformer:
+  """The run's model (built, not compiled)."""
+  kwargs = config_lib.dataclasses.asdict(cfg.model)
+  if kwargs["embedding_axes"] is None and cfg.data.kind in IMAGE_AXES:
+    kwargs["embedding_axes"] = list(IMAGE_AXES[cfg.data.kind])
+  model = models.SparseTransformer(seq_len=cfg.data.context,
+                                   seed=cfg.train.seed, **kwargs)
+  model.build()
+  return model
+
+
+def make_optimizer(cfg: config_lib.TrainConfig) -> keras.optimizers.AdamW:
+  """AdamW with linear warm-up to the learning rate, then cosine decay to
+  zero at the last step; global gradient clipping."""
+  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  schedule = keras.optimizers.schedules.CosineDecay(
+      initial_learning_rate=0.0, decay_steps=max(1, cfg.steps - warmup),
+      warmup_target=cfg.learning_rate, warmup_steps=warmup)
+  return keras.optimizers.AdamW(
+      learning_rate=schedule, weight_decay=cfg.weight_decay,
+      beta_1=cfg.beta_1, beta_2=cfg.beta_2, global_clipnorm=cfg.clipnorm)
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm():
+  """Turns SIGTERM into KeyboardInterrupt so a killed job checkpoints."""
+  def handler(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: leave signals alone
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def worker_dir(output_dir: str, strategy) -> str:
+  """Where this process writes: output_dir for the chief (or a single
+  process), output_dir/workers/<task> for the other workers (multi-worker
+  checkpointing needs every worker to write, each to its own place)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  task_type = getattr(resolver, "task_type", None)
+  if not task_type:
+    return output_dir
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  if task_type == "chief" or (not has_chief and task_type == "worker" and
+                              resolver.task_id == 0):
+    return output_dir
+  return os.path.join(output_dir, "workers",
+                      f"{task_type}_{resolver.task_id}")
+
+
+class StepCheckpointer(keras.callbacks.Callback):
+  """Saves a checkpoint at the end of every epoch (checkpoint interval),
+  stops training at step `last`, and times the training steps.
+
+  Args:
+    manager: the run's `tf.train.CheckpointManager`.
+    last: the step at which to stop.
+    tokens_per_step: tokens in one global batch.
+    log_every: log the step and loss every this many steps (0: never).
+  """
+
+  def __init__(self, manager, last: int, tokens_per_step: int,
+               log_every: int = 0):
+    super().__init__()
+    self.manager = manager
+    self.last = last
+    self.tokens_per_step = tokens_per_step
+    self.log_every = log_every
+    self.timed_steps, self.seconds, self._start = 0, 0.0, None
+
+  def save(self) -> int:
+    """Writes a checkpoint at the current step and returns the step."""
+    step = int(self.model.optimizer.iterations.numpy())
+    self.manager.save(checkpoint_number=step)
+    return step
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    if batch > 0:  # the first step of an epoch includes tracing/warm-up
+      self.timed_steps += 1
+      self.seconds += time.perf_counter() - self._start
+    if self.log_every and step % self.log_every == 0:
+      LOG.info("step %d: loss %.4f", step, (logs or {}).get("loss", math.nan))
+    if step >= self.last:
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.save()
+
+  def tokens_per_second(self) -> float:
+    """Training throughput over the timed steps (NaN if none)."""
+    if not self.timed_steps:
+      return math.nan
+    return self.timed_steps * self.tokens_per_step / self.seconds
+
+
+def evaluate_bits(model: keras.Model, dataset: tf.data.Dataset,
+                  batches: Optional[int] = None) -> float:
+  """Mean bits per byte (or per dim) of the model on a dataset."""
+  metric = models.BitsPerByte()
+  for i, (x, y) in enumerate(dataset):
+    if batches is not None and i >= batches:
+      break
+    metric.update_state(y, model(x, training=False))
+  return float(metric.result())
+
+
+def write_text_sample(model, valid: np.ndarray, length: int, seed: int,
+                      path: str) -> bytes:
+  """Continues the first bytes of the validation text and writes prompt and
+  continuation to `path`.
+
+  Returns:
+    The bytes written.
+  """
+  prompt = valid[:max(1, min(64, model.seq_len // 4))]
+  length = min(length, model.seq_len - prompt.size)
+  out = sample_lib.generate(model, prompt[None], length, temperature=0.8,
+                            seed=seed)[0].tobytes()
+  with open(path, "wb") as f:
+    f.write(out)
+  return out
+
+
+def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
+  """Trains (or resumes) a run and evaluates it.
+
+  Args:
+    cfg: the run's config.
+    stop_after: stop (with a checkpoint) after this many steps of this
+      invocation; a later call with the same config continues the run.
+
+  Returns:
+    A summary dict: steps, valid_bits_per_byte, tokens_per_second,
+    output_dir, resumed_from.
+  """
+  keras.mixed_precision.set_global_policy(cfg.train.precision)
+  keras.utils.set_random_seed(cfg.train.seed)
+  strategy = make_strategy(cfg.train.strategy)
+  global_batch = cfg.data.batch_size
+  if global_batch % strategy.num_replicas_in_sync:
+    raise ValueError(f"data.batch_size {global_batch} must be a multiple of "
+                     f"the {strategy.num_replicas_in_sync} replicas")
+  arrays = load_data(cfg.data)
+  out_dir = worker_dir(cfg.train.output_dir, strategy)
+  os.makedirs(out_dir, exist_ok=True)
+  with strategy.scope():
+    model = build_model(cfg)
+    models.compile_for_training(model, make_optimizer(cfg.train))
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(out_dir, "checkpoints"), max_to_keep=2)
+  resumed_from = 0
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    resumed_from = int(model.optimizer.iterations.numpy())
+    LOG.info("resumed from %s at step %d", manager.latest_checkpoint,
+             resumed_from)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+
+  last = cfg.train.steps if stop_after is None else min(
+      cfg.train.steps, resumed_from + stop_after)
+  every = cfg.train.checkpoint_every
+  checkpointer = StepCheckpointer(manager, last,
+                                  global_batch * cfg.data.context,
+                                  cfg.train.log_every)
+  callbacks = [checkpointer, keras.callbacks.TensorBoard(
+      os.path.join(out_dir, "logs"), update_freq=10)]
+  if resumed_from < last:
+    # One fit call over an endless stream that starts at the restored step;
+    # an "epoch" is one checkpoint interval.
+    train_ds, valid_ds = make_datasets(cfg, arrays, global_batch,
+                                       resumed_from)
+    with _interrupt_on_sigterm():
+      try:
+        model.fit(train_ds, initial_epoch=resumed_from // every,
+                  epochs=resumed_from // every + math.ceil(
+                      (last - resumed_from) / every),
+                  steps_per_epoch=every, validation_data=valid_ds,
+                  validation_steps=cfg.train.eval_batches,
+                  callbacks=callbacks, verbose=2)
+      except KeyboardInterrupt:
+        step = checkpointer.save()
+        LOG.warning("interrupted at step %d; checkpoint written to %s",
+                    step, manager.directory)
+        raise
+  step = int(model.optimizer.iterations.numpy())
+  _, valid_ds = make_datasets(cfg, arrays, global_batch, step)
+  bits = evaluate_bits(model, valid_ds)
+  model.save(os.path.join(out_dir, "model.keras"))
+  sample_path = None
+  if cfg.train.sample_bytes > 0 and cfg.data.kind in ("text", "enwik8"):
+    sample_path = os.path.join(out_dir, "sample.txt")
+    write_text_sample(model, arrays["valid"], cfg.train.sample_bytes,
+                      cfg.train.seed, sample_path)
+  summary = {"steps": step, "valid_bits_per_byte": bits,
+             "tokens_per_second": checkpointer.tokens_per_second(),
+             "output_dir": out_dir,
+             "resumed_from": resumed_from, "sample": sample_path}
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`st-train --config X.yaml [--override section.key=value ...]`."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="YAML config file")
+  parser.add_argument("--override", action="append", default=[],
+                      metavar="SECTION.KEY=VALUE",
+                      help="change one config value (repeatable)")
+  parser.add_argument("--stop-after", type=int, metavar="STEPS",
+                      help="checkpoint and stop after this many steps; run "
+                      "again to continue")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+  try:
+    cfg = config_lib.load(args.config, args.override)
+  except (OSError, KeyError, TypeError, ValueError) as e:
+    parser.error(str(e))
+  try:
+    summary = train(cfg, stop_after=args.stop_after)
+  except KeyboardInterrupt:
+    print(f"interrupted; run the same command to resume from "
+          f"{cfg.train.output_dir}", file=sys.stderr)
+    return 130
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

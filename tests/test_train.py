@@ -1,0 +1,211 @@
+"""Configs and the trainer: errors, exact resume, strategies (in
+subprocesses: logical devices and multi-worker clusters need a fresh
+TensorFlow)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import yaml
+
+from st_keras import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def _tiny(tmp_path, corpus, **train):
+  raw = {
+      "model": dict(width=16, num_layers=2, num_heads=2, stride=16,
+                    summary=4, block_size=16),
+      "data": dict(kind="text", path=str(corpus), context=64, batch_size=4),
+      "train": dict(steps=4, warmup_steps=1, checkpoint_every=2,
+                    eval_batches=2, output_dir=str(tmp_path / "run"),
+                    sample_bytes=0, learning_rate=1e-3),
+  }
+  raw["train"].update(train)
+  return raw
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  rng = np.random.default_rng()
+  path = tmp_path / "corpus.txt"
+  path.write_bytes(rng.integers(32, 127, 20000).astype(np.uint8).tobytes())
+  return path
+
+
+@pytest.mark.parametrize("name", sorted(
+    f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_shipped_configs_load(name):
+  cfg = config_lib.load(os.path.join(CONFIGS, name))
+  assert cfg.data.context % cfg.model.block_size == 0
+
+
+def test_config_errors_name_the_key(tmp_path):
+  with pytest.raises(KeyError, match="train.stepz"):
+    config_lib.from_dict({"train": {"stepz": 3}})
+  with pytest.raises(KeyError, match="optimizer"):
+    config_lib.from_dict({"optimizer": {}})
+  with pytest.raises(TypeError, match="train.steps must be int"):
+    config_lib.from_dict({"train": {"steps": "many"}})
+  with pytest.raises(TypeError, match="model.recompute must be bool"):
+    config_lib.from_dict({"model": {"recompute": 1}})
+  with pytest.raises(ValueError, match="train.precision"):
+    config_lib.from_dict({"train": {"precision": "float8"}})
+  with pytest.raises(ValueError, match="section.key=value"):
+    config_lib.override({}, ["steps=3"])
+  cfg = config_lib.from_dict(config_lib.override(
+      {"train": {"steps": 3}}, ["train.steps=7", "model.embedding_axes=[4, 16]",
+                                "train.learning_rate=1"]))
+  assert (cfg.train.steps, cfg.model.embedding_axes,
+          cfg.train.learning_rate) == (7, [4, 16], 1.0)
+
+
+def _run_train(raw, tmp_path, *args, env=None):
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml.safe_dump(raw))
+  return subprocess.run(
+      [sys.executable, "-m", "st_keras.train", "--config", str(path), *args],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, **(env or {})))
+
+
+def test_cli_reports_config_errors(tmp_path, corpus):
+  raw = _tiny(tmp_path, corpus)
+  raw["train"]["stepz"] = 1
+  result = _run_train(raw, tmp_path)
+  assert result.returncode == 2
+  assert "unknown config key train.stepz" in result.stderr
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+  from st_keras import train
+  straight = config_lib.from_dict(_tiny(tmp_path / "a", corpus, steps=5))
+  whole = train.train(straight)
+  split = config_lib.from_dict(_tiny(tmp_path / "b", corpus, steps=5))
+  first = train.train(split, stop_after=3)  # stops mid-chunk
+  assert first["steps"] == 3
+  assert sorted(os.listdir(tmp_path / "b" / "run" / "checkpoints"))
+  second = train.train(split)
+  assert second["resumed_from"] == 3 and second["steps"] == 5
+  np.testing.assert_allclose(second["valid_bits_per_byte"],
+                             whole["valid_bits_per_byte"], rtol=1e-5)
+  assert np.isfinite(whole["tokens_per_second"])
+
+
+def test_sigterm_writes_a_checkpoint(tmp_path, corpus):
+  raw = _tiny(tmp_path, corpus, steps=100000, checkpoint_every=100000,
+              log_every=1)
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml.safe_dump(raw))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "st_keras.train", "--config", str(path)],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  watchdog = threading.Timer(300, proc.kill)  # never hang the suite
+  watchdog.start()
+  seen = []
+  for line in proc.stdout:  # wait until training is under way
+    seen.append(line)
+    if "step 2: loss" in line:
+      break
+  proc.terminate()
+  out = "".join(seen) + proc.communicate(timeout=120)[0]
+  watchdog.cancel()
+  assert proc.returncode == 130, out[-3000:]
+  assert "interrupted; run the same command to resume" in out
+  checkpoints = tmp_path / "run" / "checkpoints"
+  steps = [int(n.split("-")[1].split(".")[0])
+           for n in os.listdir(checkpoints) if n.endswith(".index")]
+  assert steps and steps[0] > 0, out[-3000:]
+
+
+MIRRORED = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from st_keras import models
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (8, 65))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (data[:, :-1].astype(np.int32), data[:, 1:].astype(np.int32))).batch(8)
+    results = {}
+    for name, strategy in [
+        ("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
+        ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+      keras.utils.set_random_seed(1)
+      with strategy.scope():
+        model = models.SparseTransformer(seq_len=64, width=16, num_layers=2,
+                                         num_heads=2, stride=16, summary=4,
+                                         block_size=16)
+        model.build()
+        models.compile_for_training(model, keras.optimizers.SGD(0.1))
+      history = model.fit(ds, epochs=2, verbose=0)
+      results[name] = dict(
+          replicas=strategy.num_replicas_in_sync,
+          loss=history.history["loss"],
+          weight=float(np.sum(model.logits.kernel.numpy())))
+    print(json.dumps(results))
+""")
+
+
+def test_mirrored_two_devices_match_one(tmp_path):
+  result = subprocess.run([sys.executable, "-c", MIRRORED], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  assert (got["one"]["replicas"], got["two"]["replicas"]) == (1, 2)
+  np.testing.assert_allclose(got["two"]["loss"], got["one"]["loss"],
+                             rtol=1e-4)
+  np.testing.assert_allclose(got["two"]["weight"], got["one"]["weight"],
+                             rtol=1e-4, atol=1e-5)
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def test_multi_worker_on_localhost(tmp_path, corpus):
+  ports = _free_ports(2)
+  workers = [f"localhost:{p}" for p in ports]
+  procs = []
+  for index in range(2):
+    raw = _tiny(tmp_path / f"w{index}", corpus, steps=2, checkpoint_every=2)
+    raw["train"]["output_dir"] = str(tmp_path / "run")
+    raw["train"]["strategy"] = "multi_worker"
+    path = tmp_path / f"config{index}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    tf_config = json.dumps({"cluster": {"worker": workers},
+                            "task": {"type": "worker", "index": index}})
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "st_keras.train", "--config", str(path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=dict(os.environ, TF_CONFIG=tf_config)))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["steps"] == 2
+  assert os.path.isdir(tmp_path / "run" / "checkpoints")
+  other = json.loads((tmp_path / "run" / "workers" / "worker_1" /
+                      "summary.json").read_text())
+  # Both workers hold the same synchronised model.
+  np.testing.assert_allclose(other["valid_bits_per_byte"],
+                             summary["valid_bits_per_byte"], rtol=1e-5)

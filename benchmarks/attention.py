@@ -177,7 +177,7 @@ def causal_pairs(n):
 # Memory probes (/proc).
 
 
-def _proc_status_bytes(field, pid="self"):
+def proc_status_bytes(field, pid="self"):
   """Reads a kB field (VmRSS, VmHWM) of /proc/<pid>/status.
 
   Args:
@@ -197,7 +197,7 @@ def _proc_status_bytes(field, pid="self"):
   return 0
 
 
-def _release_free_memory():
+def release_free_memory():
   """Returns the C heap's free pages to the OS (glibc malloc_trim)."""
   gc.collect()
   libc_name = ctypes.util.find_library("c")
@@ -207,7 +207,7 @@ def _release_free_memory():
     pass
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
   """Resets this process's VmHWM to its current RSS."""
   with open("/proc/self/clear_refs", "w") as clear_refs:
     clear_refs.write("5")
@@ -232,9 +232,9 @@ def measure(run, reps):
   warmup_s = time.perf_counter() - start
   if warmup_s < SECOND_WARMUP_BELOW_S:
     run()
-  _release_free_memory()
-  baseline = _proc_status_bytes("VmRSS")
-  _reset_peak_rss()
+  release_free_memory()
+  baseline = proc_status_bytes("VmRSS")
+  reset_peak_rss()
   times = []
   for _ in range(reps):
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def measure(run, reps):
     times.append(time.perf_counter() - start)
     if len(times) >= MIN_RUNS and sum(times) > RUN_BUDGET_S:
       break
-  peak = _proc_status_bytes("VmHWM") - baseline
+  peak = proc_status_bytes("VmHWM") - baseline
   return {"status": "ok", "ms": 1e3 * statistics.median(times),
           "runs": len(times), "peak_mib": max(peak, 0) / MIB,
           "warmup_s": warmup_s}
@@ -725,7 +725,7 @@ def run_isolated(ctx, spec, timeout_s):
         result = receiver.recv()
       except EOFError:  # died without reporting
         break
-    elif _proc_status_bytes("VmRSS", proc.pid) > MEMORY_KILL_GIB * GIB:
+    elif proc_status_bytes("VmRSS", proc.pid) > MEMORY_KILL_GIB * GIB:
       proc.kill()
       result = {"status": f"OOM (> {MEMORY_KILL_GIB:.0f} GiB)"}
     elif time.monotonic() > deadline:
@@ -1028,20 +1028,22 @@ def render_section(meta, patterns, impls, ns, op_ns, results, sizes,
   return "\n".join(lines) + "\n"
 
 
-def write_section(path, section):
-  """Replaces (or appends) the attention section of a Markdown file.
+def write_section(path, section, begin_marker=SECTION_BEGIN,
+                  end_marker=SECTION_END):
+  """Replaces (or appends) one marked section of a Markdown file.
 
   Args:
     path: the Markdown file; created with a title when missing.
-    section: text from `render_section`, markers included.
+    section: the new text, markers included.
+    begin_marker, end_marker: the section's markers (default: attention).
   """
   text = "# Benchmarks\n\n"
   if os.path.exists(path):
     with open(path) as f:
       text = f.read()
-  begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+  begin, end = text.find(begin_marker), text.find(end_marker)
   if begin >= 0 and end > begin:
-    text = text[:begin] + section + text[end + len(SECTION_END):].lstrip("\n")
+    text = text[:begin] + section + text[end + len(end_marker):].lstrip("\n")
   else:
     text = text.rstrip("\n") + "\n\n" + section
   with open(path, "w") as f:

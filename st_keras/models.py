@@ -236,15 +236,17 @@ class SparseTransformer(keras.Model):
     }
 
 
-def compile_for_training(model: SparseTransformer, optimizer) -> None:
+def compile_for_training(model: SparseTransformer, optimizer,
+                         metric_name: str = "bits_per_byte") -> None:
   """Compiles `model` with the next-byte loss and the bits-per-byte metric.
 
   Args:
     model: a `SparseTransformer`.
     optimizer: a Keras optimizer (wrapped in a LossScaleOptimizer by Keras
       under a float16 policy).
+    metric_name: 'bits_per_byte', or 'bits_per_dim' for images.
   """
   model.compile(
       optimizer=optimizer,
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=[BitsPerByte()], jit_compile=False)
+      metrics=[BitsPerByte(name=metric_name)], jit_compile=False)

@@ -279,7 +279,9 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   with strategy.scope():
     model = build_model(cfg)
-    models.compile_for_training(model, make_optimizer(cfg.train))
+    models.compile_for_training(
+        model, make_optimizer(cfg.train),
+        "bits_per_dim" if cfg.data.kind in IMAGE_AXES else "bits_per_byte")
     model.optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   manager = tf.train.CheckpointManager(
@@ -313,7 +315,9 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
                       (last - resumed_from) / every),
                   steps_per_epoch=every, validation_data=valid_ds,
                   validation_steps=cfg.train.eval_batches,
-                  callbacks=callbacks, verbose=2)
+                  callbacks=callbacks,
+                  # A progress bar on a terminal, a line per epoch in logs.
+                  verbose=1 if sys.stdout.isatty() else 2)
       except KeyboardInterrupt:
         step = checkpointer.save()
         LOG.warning("interrupted at step %d; checkpoint written to %s",

@@ -209,3 +209,30 @@ def test_multi_worker_on_localhost(tmp_path, corpus):
   # Both workers hold the same synchronised model.
   np.testing.assert_allclose(other["valid_bits_per_byte"],
                              summary["valid_bits_per_byte"], rtol=1e-5)
+
+
+def test_train_on_cifar10_files(tmp_path):
+  from st_keras import train
+  rng = np.random.default_rng()
+  for name, count in (("data_batch_1.bin", 4), ("test_batch.bin", 2)):
+    records = np.concatenate(
+        [rng.integers(0, 10, (count, 1)),
+         rng.integers(0, 256, (count, 3072))], 1).astype(np.uint8)
+    (tmp_path / name).write_bytes(records.tobytes())
+  raw = {
+      "model": dict(width=16, num_layers=2, num_heads=2, pattern="strided",
+                    integration="interleaved", stride=96, block_size=32),
+      "data": dict(kind="cifar10", path=str(tmp_path), context=3072,
+                   batch_size=2),
+      "train": dict(steps=2, warmup_steps=1, checkpoint_every=2,
+                    eval_batches=1, output_dir=str(tmp_path / "run")),
+  }
+  cfg = config_lib.from_dict(raw)
+  model = train.build_model(cfg)
+  assert model.embedding_axes == (32, 32, 3)
+  summary = train.train(cfg)
+  assert summary["steps"] == 2 and summary["sample"] is None
+  assert 6.0 < summary["valid_bits_per_byte"] < 10.0
+  raw["data"]["context"] = 1024
+  with pytest.raises(ValueError, match="image length 3072"):
+    train.train(config_lib.from_dict(raw))

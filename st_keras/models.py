@@ -32,11 +32,12 @@ def layer_modes(pattern: str, integration: str, num_layers: int) -> list:
   if integration not in INTEGRATIONS:
     raise ValueError(f"integration must be one of {INTEGRATIONS}, got "
                      f"{integration!r}")
-  if pattern in ("dense", "local") or integration != "interleaved":
-    mode = "merged" if pattern in ("dense", "local") else integration
-    return [mode] * num_layers
-  second = "summary" if pattern == "fixed" else "stride"
-  return [("local", second)[r % 2] for r in range(num_layers)]
+  parts = attention_lib.FACTORIZED_PARTS.get(pattern)
+  if parts is None:  # one part only
+    return ["merged"] * num_layers
+  if integration == "interleaved":
+    return [parts[r % 2] for r in range(num_layers)]
+  return [integration] * num_layers
 
 
 @keras.saving.register_keras_serializable(package="st_keras")

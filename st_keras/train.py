@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -125,7 +126,7 @@ def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
 
 def build_model(cfg: config_lib.Config) -> models.SparseTransformer:
   """The run's model (built, not compiled)."""
-  kwargs = config_lib.dataclasses.asdict(cfg.model)
+  kwargs = dataclasses.asdict(cfg.model)
   if kwargs["embedding_axes"] is None and cfg.data.kind in IMAGE_AXES:
     kwargs["embedding_axes"] = list(IMAGE_AXES[cfg.data.kind])
   model = models.SparseTransformer(seq_len=cfg.data.context,
@@ -227,17 +228,6 @@ class StepCheckpointer(keras.callbacks.Callback):
     return self.timed_steps * self.tokens_per_step / self.seconds
 
 
-def evaluate_bits(model: keras.Model, dataset: tf.data.Dataset,
-                  batches: Optional[int] = None) -> float:
-  """Mean bits per byte (or per dim) of the model on a dataset."""
-  metric = models.BitsPerByte()
-  for i, (x, y) in enumerate(dataset):
-    if batches is not None and i >= batches:
-      break
-    metric.update_state(y, model(x, training=False))
-  return float(metric.result())
-
-
 def write_text_sample(model, valid: np.ndarray, length: int, seed: int,
                       path: str) -> bytes:
   """Continues the first bytes of the validation text and writes prompt and
@@ -275,13 +265,14 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
     raise ValueError(f"data.batch_size {global_batch} must be a multiple of "
                      f"the {strategy.num_replicas_in_sync} replicas")
   arrays = load_data(cfg.data)
+  metric_name = ("bits_per_dim" if cfg.data.kind in IMAGE_AXES else
+                 "bits_per_byte")
   out_dir = worker_dir(cfg.train.output_dir, strategy)
   os.makedirs(out_dir, exist_ok=True)
   with strategy.scope():
     model = build_model(cfg)
-    models.compile_for_training(
-        model, make_optimizer(cfg.train),
-        "bits_per_dim" if cfg.data.kind in IMAGE_AXES else "bits_per_byte")
+    models.compile_for_training(model, make_optimizer(cfg.train),
+                                metric_name)
     model.optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
   manager = tf.train.CheckpointManager(
@@ -303,11 +294,10 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
                                   cfg.train.log_every)
   callbacks = [checkpointer, keras.callbacks.TensorBoard(
       os.path.join(out_dir, "logs"), update_freq=10)]
+  # The training stream starts at the restored step.
+  train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:
-    # One fit call over an endless stream that starts at the restored step;
-    # an "epoch" is one checkpoint interval.
-    train_ds, valid_ds = make_datasets(cfg, arrays, global_batch,
-                                       resumed_from)
+    # One fit call; an "epoch" is one checkpoint interval.
     with _interrupt_on_sigterm():
       try:
         model.fit(train_ds, initial_epoch=resumed_from // every,
@@ -324,8 +314,7 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
                     step, manager.directory)
         raise
   step = int(model.optimizer.iterations.numpy())
-  _, valid_ds = make_datasets(cfg, arrays, global_batch, step)
-  bits = evaluate_bits(model, valid_ds)
+  bits = model.evaluate(valid_ds, verbose=0, return_dict=True)[metric_name]
   model.save(os.path.join(out_dir, "model.keras"))
   sample_path = None
   if cfg.train.sample_bytes > 0 and cfg.data.kind in ("text", "enwik8"):

@@ -21,12 +21,13 @@ def _attention_reference(layer, x):
   w = {v.path.split("/")[-2] + "/" + v.path.split("/")[-1]:
        np.asarray(v.numpy(), np.float64) for v in layer.weights}
   x = np.asarray(x, np.float64)
-  q = np.einsum("bnw,whk->bhnk", x, w["query/kernel"]) + w["query/bias"][
-      None, :, None]
-  k = np.einsum("bnw,whk->bhnk", x, w["key/kernel"]) + w["key/bias"][
-      None, :, None]
-  v = np.einsum("bnw,whk->bhnk", x, w["value/kernel"]) + w["value/bias"][
-      None, :, None]
+  heads = layer.num_heads
+
+  def project(name):  # (batch, heads, n, dim); biases are per (head, dim)
+    bias = w[f"{name}/bias"].reshape(1, heads, 1, -1)
+    return np.einsum("bnw,whk->bhnk", x, w[f"{name}/kernel"]) + bias
+
+  q, k, v = project("query"), project("key"), project("value")
   mask = layer.layout(x.shape[1]).to_dense()
   out, _ = reference.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
   return np.einsum("bhnk,hkw->bnw", out, w["output/kernel"]) + w[

@@ -12,17 +12,22 @@ from st_keras import layouts
 from st_keras import ops
 
 PATTERNS = ("fixed", "strided", "dense", "local")
-# Which parts a head may attend, per pattern: the paper's A1 and A2.
-PARTS = {
-    "fixed": ("local", "summary", "both"),
-    "strided": ("local", "stride", "both"),
-    "dense": ("both",),
-    "local": ("both",),
-}
-# How the two parts are integrated (Eqs. 5-8): one union for every head
-# ("merged"), half the heads each ("multihead"), or one part per layer
-# (interleaved: the model gives each layer its part).
-MODES = ("merged", "multihead", "local", "summary", "stride")
+# The two parts (the paper's A1 and A2) of each factorized pattern.
+FACTORIZED_PARTS = {"fixed": ("local", "summary"),
+                    "strided": ("local", "stride")}
+
+
+def modes(pattern: str) -> tuple:
+  """The attention modes a pattern allows.
+
+  How the two parts are integrated (Eqs. 5-8): one union for every head
+  ('merged'), half the heads each ('multihead'), or one part per layer
+  (interleaved: the model gives each layer its part). 'dense' and 'local'
+  have a single part: 'merged' only.
+  """
+  if pattern in FACTORIZED_PARTS:
+    return ("merged", "multihead") + FACTORIZED_PARTS[pattern]
+  return ("merged",)
 
 
 def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
@@ -60,10 +65,10 @@ def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
   if mode == "merged":
     return part_layout("both", num_heads)
   if mode == "multihead":
+    first_part, second_part = FACTORIZED_PARTS[pattern]
     first = num_heads // 2
-    second = "summary" if pattern == "fixed" else "stride"
-    return layouts.per_head(part_layout("local", first),
-                            part_layout(second, num_heads - first))
+    return layouts.per_head(part_layout(first_part, first),
+                            part_layout(second_part, num_heads - first))
   return part_layout(mode, num_heads)
 
 
@@ -112,13 +117,9 @@ class SparseSelfAttention(keras.layers.Layer):
     super().__init__(**kwargs)
     if pattern not in PATTERNS:
       raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if pattern in ("fixed", "strided") and mode not in ("merged",
-                                                        "multihead"):
-      if mode not in PARTS[pattern]:
-        raise ValueError(f"mode {mode!r} is not a part of the {pattern} "
-                         f"pattern; use one of {PARTS[pattern]}")
+    if mode not in modes(pattern):
+      raise ValueError(f"mode must be one of {modes(pattern)} for the "
+                       f"{pattern} pattern, got {mode!r}")
     if num_heads < 1:
       raise ValueError(f"num_heads must be positive, got {num_heads}")
     if mode == "multihead" and num_heads < 2:
@@ -155,22 +156,22 @@ class SparseSelfAttention(keras.layers.Layer):
     self.value_dim = width // self.num_heads
     self.key_dim = max(1, int(self.value_dim * self.qk_ratio))
     heads = self.num_heads
-    self.query = keras.layers.EinsumDense(
-        "bnw,whk->bnhk", output_shape=(None, heads, self.key_dim),
-        bias_axes="hk", name="query")
-    self.key = keras.layers.EinsumDense(
-        "bnw,whk->bnhk", output_shape=(None, heads, self.key_dim),
-        bias_axes="hk", name="key")
-    self.value = keras.layers.EinsumDense(
-        "bnw,whk->bnhk", output_shape=(None, heads, self.value_dim),
-        bias_axes="hk", name="value")
+
+    def projection(name, dim):  # (batch, n, width) -> (batch, heads, n, dim)
+      return keras.layers.EinsumDense(
+          "bnw,whk->bhnk", output_shape=(heads, None, dim), bias_axes="hk",
+          name=name)
+
+    self.query = projection("query", self.key_dim)
+    self.key = projection("key", self.key_dim)
+    self.value = projection("value", self.value_dim)
     self.output_dense = keras.layers.EinsumDense(
-        "bnhk,hkw->bnw", output_shape=(None, width), bias_axes="w",
+        "bhnk,hkw->bnw", output_shape=(None, width), bias_axes="w",
         kernel_initializer=self.output_initializer, name="output")
     for dense in (self.query, self.key, self.value):
       dense.build(input_shape)
-    self.output_dense.build(tuple(input_shape[:-1]) + (heads,
-                                                       self.value_dim))
+    self.output_dense.build((input_shape[0], heads, input_shape[1],
+                             self.value_dim))
 
   def layout(self, seq_len: int) -> layouts.Layout:
     """The (cached) layout for `seq_len` tokens."""
@@ -188,19 +189,15 @@ class SparseSelfAttention(keras.layers.Layer):
     if seq_len is None:
       raise ValueError("the sequence axis must be known statically: the "
                        "layout depends on it")
-    # (batch, n, heads, dim) -> (batch, heads, n, dim)
-    q = tf.transpose(self.query(x), [0, 2, 1, 3])
-    k = tf.transpose(self.key(x), [0, 2, 1, 3])
-    v = tf.transpose(self.value(x), [0, 2, 1, 3])
+    q, k, v = self.query(x), self.key(x), self.value(x)  # (b, heads, n, dim)
     if self.key_dim != self.value_dim:
       # The op takes one head_dim: pad q and k with zeros (scores unchanged).
       pad = [[0, 0], [0, 0], [0, 0], [0, self.value_dim - self.key_dim]]
       q, k = tf.pad(q, pad), tf.pad(k, pad)
     out = ops.block_sparse_attention(
         q, k, v, self.layout(seq_len), scale=1.0 / math.sqrt(self.key_dim),
-        implementation=self.implementation)
-    # (batch, heads, n, dim) -> (batch, n, heads, dim) -> (batch, n, width)
-    return self.output_dense(tf.transpose(out, [0, 2, 1, 3]))
+        implementation=self.implementation)  # (batch, heads, n, value_dim)
+    return self.output_dense(out)  # (batch, n, width)
 
   def compute_output_shape(self, input_shape):
     return input_shape

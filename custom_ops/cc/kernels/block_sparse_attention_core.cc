@@ -173,8 +173,7 @@ inline Vec ExpNonPositive(const Vec& x_in) {
 }
 
 // Sets scores of keys outside the token mask or past the key length to -inf.
-// s is [bs, bs] indexed [query][key] unless kTransposed ([key][query]).
-template <bool kTransposed>
+// s is [bs, bs] indexed [query][key].
 void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
               int64_t h, int64_t key_block, int32_t mask, float* s) {
   const int64_t bs = lay.block_size;
@@ -182,9 +181,8 @@ void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
     const uint8_t* m = lay.masks + mask * bs * bs;
     for (int64_t i = 0; i < bs; ++i) {
       for (int64_t j = 0; j < bs; ++j) {
-        const uint8_t keep = m[i * bs + j];
-        float& x = kTransposed ? s[j * bs + i] : s[i * bs + j];
-        x = keep ? x : kNegInf;
+        float& x = s[i * bs + j];
+        x = m[i * bs + j] ? x : kNegInf;
       }
     }
   }
@@ -196,9 +194,7 @@ void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
                               ? shape.key_positions[h * shape.seq_len + p]
                               : p;
       if (pos < len) continue;
-      for (int64_t i = 0; i < bs; ++i) {
-        (kTransposed ? s[j * bs + i] : s[i * bs + j]) = kNegInf;
-      }
+      for (int64_t i = 0; i < bs; ++i) s[i * bs + j] = kNegInf;
     }
   }
 }
@@ -347,7 +343,7 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
           for (int64_t g = g0; g < g1; ++g) {
             const int32_t mask = lay.mask_idx[cursor[g]];
             if (TileNeedsMask(shape, mask)) {
-              MaskTile<false>(shape, lay, b, h, kb, mask,
+              MaskTile(shape, lay, b, h, kb, mask,
                               s_run + (g - g0) * bs * bs);
             }
             ++cursor[g];
@@ -416,7 +412,7 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
           for (int32_t e = e0; e < e1; ++e) {
             const int32_t mask = lay.col_mask_idx[e];
             if (TileNeedsMask(shape, mask)) {
-              MaskTile<false>(shape, lay, b, h, kb, mask,
+              MaskTile(shape, lay, b, h, kb, mask,
                               p.data() + (e - e0) * bs * bs);
             }
           }

@@ -302,7 +302,10 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
     std::vector<int32_t> cursor(G), stop(G);
     std::vector<char> active(G);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t group = unit % groups;
+      // Later groups attend more key blocks; alternating light and heavy
+      // groups keeps any contiguous range of units near the average cost.
+      const int64_t slot = unit % groups;
+      const int64_t group = slot % 2 == 0 ? slot / 2 : groups - 1 - slot / 2;
       const int64_t bh = unit / groups;
       const int64_t b = bh / H, h = bh % H;
       const int64_t qb0 = group * G;

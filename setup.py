@@ -53,7 +53,11 @@ setup(
     python_requires=">=3.11",
     install_requires=["tensorflow-cpu==2.21.0", "keras==3.15.1", "tensorboard", "numpy",
                       "PyYAML"],
-    entry_points={"console_scripts": ["st-train = st_keras.train:main"]},
+    entry_points={"console_scripts": [
+        "st-train = st_keras.train:main",
+        "st-sample = st_keras.sample:main",
+        "st-export = st_keras.export:main",
+    ]},
     cmdclass={"build_py": BuildPyWithOps},
     distclass=BinaryDistribution,
     zip_safe=False,

@@ -182,6 +182,43 @@ class SparseTransformer(keras.Model):
       h = block(h, training=training)
     return self.logits(self.final_norm(h))    # (batch, n, vocab) float32
 
+  def initial_cache(self, batch_size) -> list:
+    """Empty per-layer key/value caches for `decode_step` (float32).
+
+    Args:
+      batch_size: sequences decoded together (int or int32 tensor).
+
+    Returns:
+      A list with one (keys, values) pair of `tf.TensorArray`s per layer.
+    """
+    if not self.built:
+      self.build()
+    return [block.attention.initial_cache(batch_size, self.seq_len)
+            for block in self.blocks]
+
+  def decode_step(self, tokens, position, caches: list):
+    """Next-token logits for one new position, using cached keys/values.
+
+    Equal (to float tolerance) to `self(x)[:, position]` when x holds the
+    same tokens at positions 0..position; each attention layer reads only
+    the sparse set of `position`.
+
+    Args:
+      tokens: (batch,) int tokens at `position`.
+      position: int32 scalar tensor, 0 <= position < seq_len.
+      caches: from `initial_cache` or the previous step.
+
+    Returns:
+      (logits (batch, vocab_size) float32, updated caches).
+    """
+    h = self.token_embedding(tokens)  # (batch, width)
+    h = h + tf.cast(self.position_embedding.at(position), h.dtype)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      h, cache = block.decode_step(h, position, cache, self.seq_len)
+      new_caches.append(cache)
+    return self.logits(self.final_norm(h)), new_caches
+
   def _multi_worker(self) -> bool:
     strategy = self._distribute_strategy
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)

@@ -192,16 +192,58 @@ def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
             if comp.perm is None else comp.perm)
     # Original position of every gathered key: [heads, nb, width * bs].
     key_block_pos = perm.reshape(heads * nb, bs)[gather.reshape(-1)]
+    query_rows = np.argsort(perm, axis=1).astype(np.int32)
+    mask_sel = mask_sel.reshape(heads, nb, width)
+    key_block_pos = key_block_pos.reshape(heads, nb, width * bs)
     with tf.init_scope():
       cache[index] = {
           "width": width,
+          # Kernel position of every original position: [heads, n].
+          "query_rows": tf.constant(query_rows),
+          # Whether every head has the same rows (decoding gathers once).
+          "same_heads": all((x == x[:1]).all() for x in (
+              query_rows, mask_sel, key_block_pos)),
           "gather": tf.constant(gather.reshape(-1)),
-          "mask_sel": tf.constant(mask_sel.reshape(heads, nb, width)),
+          "mask_sel": tf.constant(mask_sel),
           "masks": tf.constant(masks),
-          "key_positions": tf.constant(
-              key_block_pos.reshape(heads, nb, width * bs)),
+          "key_positions": tf.constant(key_block_pos),
       }
   return cache[index]
+
+
+def attended_keys(layout: layouts_lib.Layout, position):
+  """The keys one query position attends, per head, for cached decoding.
+
+  Reads the row of `position` from the same padded tables the pure-TF path
+  uses, so the set is exactly the layout's: a fixed number of slots per
+  head (the widest row of each component, whole tiles), of which `valid`
+  marks the attended ones.
+
+  Args:
+    layout: a `layouts.Layout`.
+    position: int32 scalar tensor, the query's position (original order).
+
+  Returns:
+    (keys, valid): int32 [h, K] original key positions and bool [h, K],
+    with h = 1 when every head attends the same keys, else h = heads. K is
+    fixed by the layout; slots that are not attended hold position 0.
+  """
+  heads, bs = layout.num_heads, layout.block_size
+  tables = [_padded_tables(layout, i) for i in range(len(layout.components))]
+  if all(t["same_heads"] for t in tables):
+    heads = 1
+  keys, valid = [], []
+  for t in tables:
+    row = t["query_rows"][:heads, position]  # (heads,) kernel position
+    block, offset = row // bs, row % bs
+    keys.append(tf.gather(t["key_positions"][:heads], block, batch_dims=1))
+    sel = tf.gather(t["mask_sel"][:heads], block, batch_dims=1)
+    # (heads, width)
+    mask = tf.gather(t["masks"], sel)  # (heads, width, bs, bs)
+    mask = tf.gather(mask, offset, axis=2, batch_dims=1)  # (heads, width, bs)
+    valid.append(tf.reshape(mask, [heads, -1]))
+  keys, valid = tf.concat(keys, axis=1), tf.concat(valid, axis=1)
+  return tf.where(valid, keys, 0), valid
 
 
 # ----------------------------------------------------------------------------

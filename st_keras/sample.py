@@ -1,26 +1,52 @@
-"""Autoregressive sampling from a SparseTransformer.
+"""Autoregressive sampling from a SparseTransformer, and the `st-sample` CLI.
 
-`generate` recomputes the whole window for every new byte: simple and exact,
-the reference that faster decoders are checked against.
+`generate` decodes with a key/value cache: each new position runs one step
+per layer that attends only its sparse set of cached keys
+(`SparseTransformer.decode_step`), inside one `tf.while_loop`.
+`generate(..., use_cache=False)` recomputes the whole window for every byte:
+the exact reference the cached decoder is checked against. Both draw byte p
+with the stateless seed (seed, p), so they sample the same bytes.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import argparse
+import json
+import os
+import sys
+import wave
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 
-def filter_logits(logits, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0):
-  """Temperature, top-k and nucleus (top-p) filtering of [batch, vocab]
-  float32 logits; filtered entries become -inf."""
-  if temperature <= 0:
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+  """Raises ValueError naming the first bad sampling argument."""
+  if not temperature > 0:
     raise ValueError(f"temperature must be positive, got {temperature}")
-  if top_k < 0 or not 0.0 < top_p <= 1.0:
-    raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got {top_k}, "
-                     f"{top_p}")
+  if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+    raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits, temperature=1.0, top_k: int = 0,
+                  top_p: float = 1.0):
+  """Temperature, top-k and nucleus (top-p) filtering.
+
+  Args:
+    logits: [batch, vocab] logits.
+    temperature: positive float or float32 scalar tensor.
+    top_k: keep the k largest logits (0: all).
+    top_p: keep the smallest prefix of the sorted distribution whose mass
+      reaches top_p (at least one entry).
+
+  Returns:
+    [batch, vocab] float32 logits; filtered entries are -inf.
+  """
+  if not isinstance(temperature, tf.Tensor):
+    check_sampling_args(temperature, top_k, top_p)
   logits = tf.cast(logits, tf.float32) / temperature
   vocab = logits.shape[-1]
   if 0 < top_k < vocab:
@@ -29,7 +55,6 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0,
   if top_p < 1.0:
     ordered = tf.sort(logits, direction="DESCENDING")
     probs = tf.nn.softmax(ordered)
-    # Keep the smallest prefix whose mass reaches top_p (at least one).
     before = tf.cumsum(probs, axis=-1, exclusive=True)
     cutoff = tf.reduce_min(tf.where(before < top_p, ordered, np.inf),
                            axis=-1, keepdims=True)
@@ -37,44 +62,286 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0,
   return logits
 
 
+def draw(logits, position, seed, temperature=1.0, top_k: int = 0,
+         top_p: float = 1.0):
+  """Samples one token per row for `position` with the seed (seed, position).
+
+  Returns:
+    (batch,) int32 tokens.
+  """
+  seeds = tf.stack([tf.cast(seed, tf.int64), tf.cast(position, tf.int64)])
+  return tf.random.stateless_categorical(
+      filter_logits(logits, temperature, top_k, top_p), 1, seed=seeds,
+      dtype=tf.int32)[:, 0]
+
+
+def cached_sample(model, prompt, length, temperature, seed, top_k: int = 0,
+                  top_p: float = 1.0):
+  """The graph of cached generation (used by `generate` and the export).
+
+  The prompt is fed through the same per-position steps (which fills the
+  caches), then each sampled byte is fed back.
+
+  Args:
+    model: a built `SparseTransformer`.
+    prompt: int32 [batch, p] tensor, p >= 1.
+    length: int32 scalar tensor; p + length <= model.seq_len.
+    temperature: float32 scalar tensor (> 0).
+    seed: int64 scalar tensor.
+    top_k, top_p: see `filter_logits` (Python values).
+
+  Returns:
+    int32 [batch, p + length]: the prompts and their continuations.
+  """
+  prompt = tf.convert_to_tensor(prompt, tf.int32)
+  batch, p = tf.shape(prompt)[0], tf.shape(prompt)[1]
+  total = p + length
+  columns = tf.TensorArray(tf.int32, size=total, element_shape=[None])
+  columns = columns.write(0, prompt[:, 0])
+
+  def body(t, caches, columns):
+    logits, caches = model.decode_step(columns.read(t), t, caches)
+    sampled = draw(logits, t + 1, seed, temperature, top_k, top_p)
+    given = prompt[:, tf.minimum(t + 1, p - 1)]
+    columns = columns.write(t + 1, tf.where(t + 1 < p, given, sampled))
+    return t + 1, caches, columns
+
+  _, _, columns = tf.while_loop(
+      lambda t, *_: t < total - 1, body,
+      (tf.constant(0), model.initial_cache(batch), columns))
+  return tf.transpose(columns.stack())  # (batch, total)
+
+
+@tf.function
+def cached_logits(model, tokens):
+  """Logits of every position by cached decoding (the check of the cache).
+
+  Args:
+    model: a built `SparseTransformer`.
+    tokens: int32 [batch, n'] with n' <= model.seq_len.
+
+  Returns:
+    float32 [batch, n', vocab], equal to `model(tokens)` to tolerance.
+  """
+  tokens = tf.convert_to_tensor(tokens, tf.int32)
+  logits = tf.TensorArray(tf.float32, size=tf.shape(tokens)[1])
+
+  def body(t, caches, logits):
+    step, caches = model.decode_step(tokens[:, t], t, caches)
+    return t + 1, caches, logits.write(t, step)
+
+  _, _, logits = tf.while_loop(
+      lambda t, *_: t < tf.shape(tokens)[1], body,
+      (tf.constant(0), model.initial_cache(tf.shape(tokens)[0]), logits))
+  return tf.transpose(logits.stack(), [1, 0, 2])
+
+
+def _check_generate_args(model, prompt: np.ndarray, length: int) -> None:
+  if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt must be [batch, p] with batch, p >= 1, got "
+                     f"shape {prompt.shape}")
+  if prompt.min() < 0 or prompt.max() >= model.vocab_size:
+    raise ValueError(f"prompt tokens must be in 0..{model.vocab_size - 1}")
+  if length < 0 or prompt.shape[1] + length > model.seq_len:
+    raise ValueError(f"prompt ({prompt.shape[1]}) + length ({length}) must "
+                     f"fit the context {model.seq_len}")
+
+
 def generate(model, prompt: np.ndarray, length: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: Optional[int] = None) -> np.ndarray:
-  """Samples `length` bytes after `prompt`, one full forward per byte.
+             seed: Optional[int] = None, use_cache: bool = True
+             ) -> np.ndarray:
+  """Samples `length` bytes after each prompt.
 
   Args:
     model: a `SparseTransformer`.
-    prompt: [batch, p] ints in 0..255 (p >= 1).
+    prompt: [batch, p] ints in 0..vocab_size - 1 (p >= 1).
     length: bytes to generate; p + length <= model.seq_len.
     temperature, top_k, top_p: see `filter_logits`.
-    seed: seed of the sampler.
+    seed: seed of the sampler (0 when None).
+    use_cache: decode with the key/value cache (else one full forward per
+      byte, the reference).
 
   Returns:
     [batch, p + length] uint8: the prompts and their continuations.
   """
   prompt = np.asarray(prompt)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be [batch, p] with p >= 1, got shape "
-                     f"{prompt.shape}")
-  if prompt.min() < 0 or prompt.max() >= model.vocab_size:
-    raise ValueError(f"prompt tokens must be in 0..{model.vocab_size - 1}")
-  total = prompt.shape[1] + length
-  if length < 0 or total > model.seq_len:
-    raise ValueError(f"prompt ({prompt.shape[1]}) + length ({length}) must "
-                     f"fit the context {model.seq_len}")
-  tokens = np.zeros((prompt.shape[0], model.seq_len), np.int32)
-  tokens[:, :prompt.shape[1]] = prompt
-  rng = tf.random.Generator.from_seed(0 if seed is None else seed)
+  _check_generate_args(model, prompt, length)
+  check_sampling_args(temperature, top_k, top_p)
+  seed = 0 if seed is None else int(seed)
+  if use_cache:
+    # One traced loop per model and filter, reused by later calls.
+    samplers = model.__dict__.setdefault("_st_keras_samplers", {})
+    if (top_k, top_p) not in samplers:
+      samplers[top_k, top_p] = tf.function(
+          lambda *args: cached_sample(model, *args, top_k=top_k, top_p=top_p))
+    out = samplers[top_k, top_p](tf.constant(prompt, tf.int32), tf.constant(length, tf.int32),
+              tf.constant(temperature, tf.float32),
+              tf.constant(seed, tf.int64))
+    return out.numpy().astype(np.uint8)
 
   @tf.function
   def next_token(tokens, position):
     # Causal: the zeros after `position` do not change its logits.
     logits = model(tokens, training=False)[:, position - 1]
-    logits = filter_logits(logits, temperature, top_k, top_p)
-    return tf.random.stateless_categorical(
-        logits, 1, seed=rng.make_seeds(1)[:, 0], dtype=tf.int32)[:, 0]
+    return draw(logits, position, seed, temperature, top_k, top_p)
 
+  total = prompt.shape[1] + length
+  tokens = np.zeros((prompt.shape[0], model.seq_len), np.int32)
+  tokens[:, :prompt.shape[1]] = prompt
   for position in range(prompt.shape[1], total):
     tokens[:, position] = next_token(tf.constant(tokens),
                                      tf.constant(position)).numpy()
   return tokens[:, :total].astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Writing samples per modality.
+
+
+def write_text(tokens: np.ndarray, path: str) -> None:
+  """Writes the byte sequences of [batch, n] tokens, one per line block."""
+  with open(path, "wb") as f:
+    f.write(b"\n\n".join(row.astype(np.uint8).tobytes() for row in tokens))
+
+
+def write_image_grid(tokens: np.ndarray, image_shape: Sequence[int],
+                     path: str) -> None:
+  """Writes [batch, n] raster-order bytes as a PNG grid of images.
+
+  Args:
+    tokens: [batch, n] bytes, n <= rows * cols * channels; missing bytes
+      (an unfinished image) are drawn black.
+    image_shape: (rows, cols, channels), channels 1 or 3.
+    path: the .png to write.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  rows, cols, channels = image_shape
+  if channels not in (1, 3):
+    raise ValueError(f"image channels must be 1 or 3, got {channels}")
+  flat = np.zeros((tokens.shape[0], rows * cols * channels), np.uint8)
+  flat[:, :tokens.shape[1]] = tokens[:, :flat.shape[1]]
+  images = flat.reshape(-1, rows, cols, channels)
+  per_row = int(np.ceil(np.sqrt(len(images))))
+  grid = np.zeros((per_row * (rows + 1), per_row * (cols + 1), channels),
+                  np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, per_row)
+    grid[r * (rows + 1):r * (rows + 1) + rows,
+         c * (cols + 1):c * (cols + 1) + cols] = image
+  matplotlib.image.imsave(path, grid[..., 0] if channels == 1 else grid,
+                          cmap="gray" if channels == 1 else None)
+
+
+def write_wav(tokens: np.ndarray, path: str) -> None:
+  """Writes [batch, n] mu-law bytes as one 16-bit mono WAV at 12 kHz, the
+  sequences one after another with 0.25 s of silence between them."""
+  from st_keras.data import audio  # pylint: disable=import-outside-toplevel
+  gap = np.zeros(audio.SAMPLE_RATE // 4, np.float32)
+  signal = np.concatenate(
+      [np.concatenate([audio.mu_law_decode(row), gap]) for row in tokens])
+  pcm = np.round(np.clip(signal, -1.0, 1.0) * 32767).astype("<i2")
+  with wave.open(path, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(audio.SAMPLE_RATE)
+    f.writeframes(pcm.tobytes())
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+
+IMAGE_KINDS = ("cifar10", "imagenet64")
+
+
+def _run_kind(model_path: str) -> str:
+  """The data kind of the run that wrote `model_path` (its config.json)."""
+  config = os.path.join(os.path.dirname(os.path.abspath(model_path)),
+                        "config.json")
+  if not os.path.exists(config):
+    return "text"
+  with open(config) as f:
+    return json.load(f)["data"]["kind"]
+
+
+def _prompt(args, model) -> np.ndarray:
+  if args.prompt_image:
+    import matplotlib.image  # pylint: disable=import-outside-toplevel
+    image = matplotlib.image.imread(args.prompt_image)
+    if image.dtype != np.uint8:
+      image = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rows, cols, channels = model.embedding_axes
+    image = image[..., :channels]
+    if image.shape != (rows, cols, channels):
+      raise ValueError(f"--prompt-image must be {rows}x{cols} with "
+                       f"{channels} channels, got shape {image.shape}")
+    # Images are modelled after a 0 start byte.
+    data = np.concatenate([[0], image[:args.prompt_rows].reshape(-1)])
+  elif args.prompt_file:
+    with open(args.prompt_file, "rb") as f:
+      data = np.frombuffer(f.read(), np.uint8)
+  else:
+    data = np.frombuffer(args.prompt.encode("utf-8"), np.uint8)
+  if data.size == 0:
+    data = np.zeros(1, np.uint8)  # one 0 byte (the images' start byte)
+  return np.tile(data[None], (args.batch, 1))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`st-sample --model RUN/model.keras --length N [--prompt TEXT] ...`."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", required=True,
+                      help="a model.keras written by st-train")
+  parser.add_argument("--length", type=int, required=True,
+                      help="bytes to generate after the prompt")
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument("--prompt", default="", help="text prompt")
+  source.add_argument("--prompt-file", help="file whose bytes are the prompt")
+  source.add_argument("--prompt-image",
+                      help="PNG whose first --prompt-rows rows are the prompt")
+  parser.add_argument("--prompt-rows", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=1,
+                      help="samples drawn for the same prompt")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top-k", type=int, default=0)
+  parser.add_argument("--top-p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--kind", choices=("text", "enwik8", "audio") +
+                      IMAGE_KINDS, help="data kind (default: the run's)")
+  parser.add_argument("--output", required=True,
+                      help=".txt/.bin for bytes, .png for images, .wav for "
+                      "audio")
+  parser.add_argument("--no-cache", action="store_true",
+                      help="recompute the full forward pass for every byte")
+  args = parser.parse_args(argv)
+  if args.prompt_image and not (args.kind or _run_kind(args.model)) in (
+      IMAGE_KINDS):
+    parser.error("--prompt-image needs an image model (--kind cifar10 or "
+                 "imagenet64)")
+  if args.batch < 1:
+    parser.error(f"--batch must be >= 1, got {args.batch}")
+  import keras  # pylint: disable=import-outside-toplevel
+  from st_keras import models  # pylint: disable=import-outside-toplevel,unused-import
+  model = keras.models.load_model(args.model)
+  kind = args.kind or _run_kind(args.model)
+  try:
+    prompt = _prompt(args, model)
+    tokens = generate(model, prompt, args.length, args.temperature,
+                      args.top_k, args.top_p, args.seed,
+                      use_cache=not args.no_cache)
+  except ValueError as e:
+    parser.error(str(e))
+  if kind in IMAGE_KINDS:  # without the start byte
+    write_image_grid(tokens[:, 1:], model.embedding_axes, args.output)
+  elif kind == "audio":
+    write_wav(tokens, args.output)
+  else:
+    write_text(tokens, args.output)
+  print(f"wrote {tokens.shape[0]} x {tokens.shape[1]} bytes to {args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,9 +1,17 @@
-"""Sampling: logit filters and seeded generation."""
+"""Sampling: logit filters, the key/value-cached decoder against the full
+forward pass, seeded generation and the st-sample CLI."""
 
+import json
+import wave
+
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from st_keras import layouts
 from st_keras import models
+from st_keras import ops
 from st_keras import sample
 
 
@@ -29,6 +37,8 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     sample.filter_logits(logits, temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     sample.filter_logits(logits, top_p=0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    sample.filter_logits(logits, temperature=0.0)
 
 
 def test_generate_keeps_the_prompt_and_is_seeded():
@@ -54,3 +64,158 @@ def test_generate_keeps_the_prompt_and_is_seeded():
     sample.generate(model, prompt, 60)
   with pytest.raises(ValueError, match="prompt tokens"):
     sample.generate(model, np.full((1, 3), 300), 2)
+
+
+@pytest.mark.parametrize("layout", [
+    layouts.fixed(96, 16, stride=32, summary=8, num_heads=2),
+    layouts.fixed(96, 16, stride=32, summary=8, num_heads=3,
+                  num_summary_patterns=3, part="summary"),
+    layouts.strided(80, 16, stride=12, num_heads=2),
+    layouts.per_head(layouts.strided(96, 16, stride=16, num_heads=1,
+                                     part="local"),
+                     layouts.strided(96, 16, stride=16, num_heads=2,
+                                     part="stride")),
+    layouts.causal(64, 16, num_heads=1),
+], ids=["fixed", "fixed_summary_only", "strided_ragged", "multihead",
+        "dense"])
+def test_attended_keys_are_the_row_of_the_layout(layout):
+  dense = layout.to_dense()  # (heads, n, n): the token truth
+  heads, n = dense.shape[:2]
+  find = tf.function(lambda t: ops.attended_keys(layout, t))
+  for position in range(n):
+    keys, valid = (x.numpy() for x in find(tf.constant(position)))
+    assert keys.shape[0] in (1, heads)  # 1: every head has the same set
+    keys, valid = (np.broadcast_to(x, (heads, x.shape[1]))
+                   for x in (keys, valid))
+    for h in range(heads):
+      chosen = keys[h][valid[h]]
+      assert len(set(chosen.tolist())) == chosen.size  # each key once
+      np.testing.assert_array_equal(np.sort(chosen),
+                                    np.flatnonzero(dense[h, position]))
+
+
+def test_a_step_reads_the_sparse_set_not_the_whole_prefix():
+  n = 4096
+  keys, _ = ops.attended_keys(layouts.fixed(n, 32, 128, 32, 4),
+                              tf.constant(n - 1))
+  # The own window's 4 blocks + the summary block of the 31 earlier
+  # windows: 35 of the 128 blocks a dense cache would read, the same for
+  # every head.
+  assert keys.shape == (1, 35 * 32)
+  keys, _ = ops.attended_keys(layouts.strided(n, 32, 128, 4),
+                              tf.constant(n - 1))
+  assert keys.shape[1] <= 8 * 32
+
+
+def _random_model(pattern, integration="merged", qk_ratio=1.0,
+                  num_heads=2):
+  model = models.SparseTransformer(
+      seq_len=96, width=24, num_layers=2, num_heads=num_heads,
+      pattern=pattern, integration=integration, stride=16, summary=4,
+      block_size=16, qk_ratio=qk_ratio)
+  model.build()
+  rng = np.random.default_rng()
+  # Larger than initial weights so that attention is far from uniform.
+  model.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype)
+                     for w in model.get_weights()])
+  return model, rng
+
+
+@pytest.mark.parametrize("pattern,integration,qk_ratio,num_heads", [
+    ("fixed", "merged", 1.0, 2),
+    ("fixed", "interleaved", 0.5, 3),
+    ("strided", "merged", 1.0, 2),
+    ("strided", "multihead", 1.0, 2),
+    ("dense", "merged", 1.0, 1),
+])
+def test_cached_logits_equal_the_full_forward_at_every_position(
+    pattern, integration, qk_ratio, num_heads):
+  model, rng = _random_model(pattern, integration, qk_ratio, num_heads)
+  tokens = rng.integers(0, 256, (3, model.seq_len)).astype(np.int32)
+  full = model(tokens).numpy()  # (3, n, 256)
+  cached = sample.cached_logits(model, tokens).numpy()
+  for position in range(model.seq_len):
+    np.testing.assert_allclose(cached[:, position], full[:, position],
+                               rtol=1e-4, atol=1e-4,
+                               err_msg=f"position {position}")
+
+
+def test_cached_decoding_under_mixed_float16_keeps_scores_in_float32():
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model, rng = _random_model("fixed")
+    tokens = rng.integers(0, 256, (2, model.seq_len)).astype(np.int32)
+    full = model(tokens).numpy()
+    caches = model.initial_cache(2)
+    assert all(c.dtype == tf.float32 for pair in caches for c in pair)
+    cached = sample.cached_logits(model, tokens)
+    assert cached.dtype == tf.float32
+    # Both run float16 projections: equal to float16 rounding.
+    np.testing.assert_allclose(cached.numpy(), full,
+                               atol=0.05 * np.abs(full).max())
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("pattern", ["fixed", "strided", "dense"])
+def test_cached_and_full_forward_generation_draw_the_same_bytes(pattern):
+  model, rng = _random_model(pattern)
+  prompt = rng.integers(0, 256, (2, 9))
+  seed = int(rng.integers(1 << 30))
+  cached = sample.generate(model, prompt, 40, temperature=0.9, top_k=50,
+                           seed=seed)
+  full = sample.generate(model, prompt, 40, temperature=0.9, top_k=50,
+                         seed=seed, use_cache=False)
+  np.testing.assert_array_equal(cached, full)
+  np.testing.assert_array_equal(cached[:, :9], prompt)
+
+
+def _saved_run(tmp_path, kind, embedding_axes=None, seq_len=64):
+  model = models.SparseTransformer(seq_len=seq_len, width=16, num_layers=1,
+                                   num_heads=2, stride=16, summary=4,
+                                   block_size=16,
+                                   embedding_axes=embedding_axes)
+  model.build()
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"data": {"kind": kind}}, f)
+  return path
+
+
+def test_cli_writes_text_continuing_the_prompt(tmp_path):
+  path = _saved_run(tmp_path, "text")
+  out = tmp_path / "sample.txt"
+  assert sample.main(["--model", path, "--prompt", "def f(x):",
+                      "--length", "20", "--batch", "2", "--seed", "1",
+                      "--top-p", "0.9", "--output", str(out)]) == 0
+  rows = out.read_bytes().split(b"\n\n")
+  assert len(rows) >= 2 and out.read_bytes().startswith(b"def f(x):")
+  with pytest.raises(SystemExit):  # does not fit the context
+    sample.main(["--model", path, "--length", "80", "--output", str(out)])
+
+
+def test_cli_writes_an_image_grid_and_wav(tmp_path):
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  path = _saved_run(tmp_path, "cifar10", embedding_axes=(4, 4, 3),
+                    seq_len=48)
+  prompt = np.random.default_rng().integers(0, 256, (4, 4, 3), np.uint8)
+  matplotlib.image.imsave(tmp_path / "prompt.png", prompt)
+  out = tmp_path / "grid.png"
+  sample.main(["--model", path, "--prompt-image", str(tmp_path / "prompt.png"),
+               "--prompt-rows", "2", "--length", "23", "--batch", "4",
+               "--output", str(out)])
+  grid = matplotlib.image.imread(out)
+  assert grid.shape[:2] == (2 * 5, 2 * 5)  # 2 x 2 images of 4 x 4, 1 px gap
+  # The first two rows of every image are the prompt's.
+  np.testing.assert_allclose(grid[:2, :4, :3] * 255, prompt[:2], atol=1)
+  np.testing.assert_allclose(grid[5:7, 5:9, :3] * 255, prompt[:2], atol=1)
+
+  path = _saved_run(tmp_path / "..", "audio")
+  out = tmp_path / "audio.wav"
+  sample.main(["--model", path, "--length", "30", "--batch", "2",
+               "--output", str(out)])
+  with wave.open(str(out)) as f:
+    assert (f.getframerate(), f.getsampwidth(), f.getnchannels()) == (
+        12000, 2, 1)
+    assert f.getnframes() == 2 * (31 + 3000)

@@ -21,7 +21,7 @@ VPY="$VENV/bin/python"
 
 # 2. Python requirements (skipped when already satisfied) --------------------------------
 STAMP="$VENV/.requirements.sha256"
-REQ_HASH="$(sha256sum requirements.txt | cut -d' ' -f1)"
+REQ_HASH="$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)"
 requirements_ok() {
   [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]] || return 1
   # Cheap consistency check that the pins are really installed.
@@ -29,7 +29,7 @@ requirements_ok() {
 import sys
 from importlib.metadata import version, PackageNotFoundError
 from packaging.requirements import Requirement
-for line in open("requirements.txt"):
+for line in open("requirements.txt").readlines() + open("requirements-nodeps.txt").readlines():
     line = line.split("#", 1)[0].strip()
     if not line:
         continue
@@ -48,6 +48,8 @@ else
   log "installing requirements.txt (first run takes a few minutes)"
   start=$SECONDS
   "$VPY" -m pip install -r requirements.txt
+  # Packages whose declared dependencies would replace tensorflow-cpu.
+  "$VPY" -m pip install --no-deps -r requirements-nodeps.txt
   echo "$REQ_HASH" > "$STAMP"
   log "requirements installed in $((SECONDS - start)) s"
 fi

@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from st_keras import layouts
@@ -198,6 +199,80 @@ class SparseSelfAttention(keras.layers.Layer):
         q, k, v, self.layout(seq_len), scale=1.0 / math.sqrt(self.key_dim),
         implementation=self.implementation)  # (batch, heads, n, value_dim)
     return self.output_dense(out)  # (batch, n, width)
+
+  def initial_cache(self, batch_size, seq_len: int) -> tuple:
+    """Empty key and value caches for `decode_step`.
+
+    A cache holds one (batch, heads, dim) float32 entry per position, in
+    `tf.TensorArray`s: writing a position costs O(1), not a copy of the
+    whole cache.
+
+    Args:
+      batch_size: sequences decoded together (int or int32 tensor).
+      seq_len: the longest sequence to decode (a multiple of block_size).
+
+    Returns:
+      (keys, values): `tf.TensorArray`s of seq_len entries.
+    """
+    del batch_size  # the entries' batch axis is set by the first write
+    self.layout(seq_len)  # checks seq_len
+    return tuple(
+        tf.TensorArray(tf.float32, size=seq_len, clear_after_read=False,
+                       element_shape=[None, self.num_heads, dim])
+        for dim in (self.key_dim, self.value_dim))
+
+  def decode_step(self, x, position, cache: tuple, seq_len: int):
+    """Attention output for one new position, given the earlier ones cached.
+
+    The new key and value are written into the cache at `position`; the
+    query attends only the keys of its row of the layout (its sparse set),
+    gathered from the cache, so a step costs O(|set|) and not O(position).
+    Scores are computed in float32 from float32 queries and keys under any
+    dtype policy (float16 scores can overflow).
+
+    Args:
+      x: (batch, width) normalised input at `position`.
+      position: int32 scalar tensor; all earlier positions are cached.
+      cache: (keys, values) from `initial_cache` or the previous step.
+      seq_len: the `initial_cache` length (selects the layout).
+
+    Returns:
+      (output (batch, width), updated cache).
+    """
+    keys, values = cache
+    x = x[:, None]  # (batch, 1, width)
+    q, k, v = (tf.cast(dense(x)[:, :, 0], tf.float32)
+               for dense in (self.query, self.key, self.value))
+    # (batch, heads, dim) each
+    keys, values = keys.write(position, k), values.write(position, v)
+    slots, valid = ops.attended_keys(self.layout(seq_len), position)
+    # (1 or heads, K): the same keys for every head, or a row per head
+    kg, vg = (self._gather_heads(cache, slots) for cache in (keys, values))
+    # (batch, heads, K, dim)
+    scores = tf.einsum("bhd,bhkd->bhk", q, kg) / math.sqrt(self.key_dim)
+    scores = tf.where(valid, scores, -np.inf)
+    top = tf.reduce_max(scores, axis=-1, keepdims=True)
+    probs = tf.where(valid, tf.exp(scores - tf.where(
+        tf.math.is_finite(top), top, 0.0)), 0.0)
+    total = tf.reduce_sum(probs, axis=-1, keepdims=True)
+    probs = probs / tf.where(total > 0, total, 1.0)  # a row with no key: 0
+    out = tf.einsum("bhk,bhkd->bhd", probs, vg)  # (batch, heads, value_dim)
+    out = self.output_dense(tf.cast(out, self.compute_dtype)[:, :, None])
+    return out[:, 0], (keys, values)
+
+  def _gather_heads(self, cache, slots):
+    """Cache entries at `slots` (1 or heads, K): (batch, heads, K, dim)."""
+    gathered = cache.gather(tf.reshape(slots, [-1]))
+    # (slots.size, batch, heads, dim)
+    if slots.shape[0] == 1:
+      return tf.transpose(gathered, [1, 2, 0, 3])
+    heads, count = self.num_heads, slots.shape[1]
+    # Entry (h, k) was gathered for head h: keep that head's slice.
+    gathered = tf.reshape(gathered, [heads, count, -1, heads,
+                                     gathered.shape[-1]])
+    gathered = tf.linalg.diag_part(tf.transpose(gathered, [1, 2, 4, 0, 3]))
+    # (K, batch, dim, heads)
+    return tf.transpose(gathered, [1, 3, 0, 2])
 
   def compute_output_shape(self, input_shape):
     return input_shape

@@ -72,6 +72,14 @@ class AxialPositionEmbedding(keras.layers.Layer):
       out.append((positions // place) % size)
     return out
 
+  def at(self, position):
+    """The embedding of one position: (width,), from an int32 scalar."""
+    out, place = 0, int(np.prod(self.axes))
+    for table, size in zip(self.tables, self.axes):
+      place //= size
+      out = out + tf.gather(table, (position // place) % size)
+    return out
+
   def call(self, x):
     seq_len = x.shape[1]
     if seq_len is None:

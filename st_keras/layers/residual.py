@@ -123,6 +123,23 @@ class SparseTransformerBlock(keras.layers.Layer):
       return x + tf.recompute_grad(branches)(x, seed)
     return x + branches(x, seed)
 
+  def decode_step(self, x, position, cache: tuple, seq_len: int):
+    """The block at one new position (inference: no dropout).
+
+    Args:
+      x: (batch, width) input at `position`.
+      position: int32 scalar tensor.
+      cache: the attention's (keys, values) cache.
+      seq_len: the cache length.
+
+    Returns:
+      (output (batch, width), updated cache).
+    """
+    a, cache = self.attention.decode_step(self.attention_norm(x), position,
+                                          cache, seq_len)
+    b = self.ff_out(self.ff_in(self.ff_norm(x + a)))
+    return x + a + b, cache
+
   def compute_output_shape(self, input_shape):
     return input_shape
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -31,6 +32,9 @@ def modes(pattern: str) -> tuple:
   return ("merged",)
 
 
+# Layers with the same arguments share one layout, and so one set of table
+# constants in traced and exported graphs.
+@functools.lru_cache(maxsize=64)
 def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
                  block_size: int, stride: int, summary: int,
                  num_summary_patterns: int) -> layouts.Layout:

@@ -34,9 +34,9 @@ inline void Store(float* p, const Vec& v) {
   *reinterpret_cast<UnalignedVec*>(p) = v;
 }
 
-// C[R x N] (+)= op(A)[R x K] * B[K x N], row-major with leading dimensions;
-// op(A) = A, or A^T when kTransA (A is then stored [K x R]). Vectorised over
-// N: kRows rows of op(A) and kVecs registers of C per pass.
+// C[R x N] (+)= op(A)[R x K] * B[K x N] with K >= 1, row-major with leading
+// dimensions; op(A) = A, or A^T when kTransA (A is then stored [K x R]).
+// Vectorised over N: kRows rows of op(A) and kVecs registers of C per pass.
 template <bool kTransA>
 inline float AElement(const float* A, int64_t lda, int r, int64_t k) {
   return kTransA ? A[k * lda + r] : A[r * lda + k];
@@ -56,14 +56,15 @@ inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
       acc[r][v] = kAccumulate ? Load(C + r * ldc + kLanes * v) : Vec{};
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  do {  // K >= 1: no path skips the loop, so acc stays in registers
     Vec b[kVecs];
     for (int v = 0; v < kVecs; ++v) b[v] = Load(B + k * ldb + kLanes * v);
     for (int r = 0; r < kRows; ++r) {
       const float a = AElement<kTransA>(A, lda, r, k);
       for (int v = 0; v < kVecs; ++v) acc[r][v] += a * b[v];
     }
-  }
+  } while (++k < K);
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) Store(C + r * ldc + kLanes * v, acc[r][v]);
   }

@@ -91,6 +91,10 @@ FLOPS_PER_PAIR_DIM = {"fwd": 4, "fwd_bwd": 10}
 DEFAULT_REPS, QUICK_REPS = 5, 3
 MIN_RUNS = 3  # a measurement may stop after this many runs ...
 RUN_BUDGET_S = 30.0  # ... once its timed runs took this long
+# Outside --quick, quick calls are repeated past `reps` until their timed
+# calls span this long (at most MAX_RUNS calls), so that their median covers
+# as long a stretch of this shared machine's noise as a slow peer's does.
+MIN_TIMED_S, MAX_RUNS = 6.0, 40
 SECOND_WARMUP_BELOW_S = 5.0  # a second warm-up call when the first was quick
 DEFAULT_TIMEOUT_S = 600
 MEMORY_GUARD_GIB = 16.0  # skip a config whose estimated peak is larger
@@ -213,16 +217,19 @@ def reset_peak_rss():
     clear_refs.write("5")
 
 
-def measure(run, reps):
+def measure(run, reps, min_timed_s=0.0):
   """Times a callable and records its peak memory.
 
-  One or two warm-up calls (tracing, compilation), then up to `reps` timed
-  calls; stops early after MIN_RUNS calls once the timed calls took
-  RUN_BUDGET_S. Peak memory is VmHWM minus the RSS after the warm-up.
+  One or two warm-up calls (tracing, compilation), then `reps` timed calls,
+  more (up to MAX_RUNS) while the timed calls took less than MIN_TIMED_S;
+  stops early after MIN_RUNS calls once the timed calls took RUN_BUDGET_S.
+  Peak memory is VmHWM minus the RSS after the warm-up.
 
   Args:
     run: zero-argument callable that blocks until its work is done.
     reps: number of timed calls wanted.
+    min_timed_s: keep timing (up to MAX_RUNS calls) until the timed calls
+      span this long.
 
   Returns:
     dict with status "ok", ms (median), runs, peak_mib, warmup_s.
@@ -236,7 +243,8 @@ def measure(run, reps):
   baseline = proc_status_bytes("VmRSS")
   reset_peak_rss()
   times = []
-  for _ in range(reps):
+  while len(times) < reps or (sum(times) < min_timed_s and
+                              len(times) < MAX_RUNS):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
@@ -460,7 +468,7 @@ def build_runner(impl, pattern, n, mode):
 def time_job(spec):
   """Runs one timing measurement described by spec (impl, pattern, n, mode, reps)."""
   run = build_runner(spec["impl"], spec["pattern"], spec["n"], spec["mode"])
-  return measure(run, spec["reps"])
+  return measure(run, spec["reps"], spec["min_timed_s"])
 
 
 def matmul_job(spec):
@@ -786,7 +794,7 @@ def plan(patterns, impls, ns, op_ns):
   return keys
 
 
-def run_all(ctx, keys, sizes, reps, timeout_s):
+def run_all(ctx, keys, sizes, reps, min_timed_s, timeout_s):
   """Runs every planned measurement, skipping configs past the memory guard.
 
   Args:
@@ -794,6 +802,7 @@ def run_all(ctx, keys, sizes, reps, timeout_s):
     keys: from `plan`.
     sizes: the prepare job's sizes.
     reps: timed runs per measurement.
+    min_timed_s: see `measure`.
     timeout_s: per-measurement limit.
 
   Returns:
@@ -809,7 +818,8 @@ def run_all(ctx, keys, sizes, reps, timeout_s):
     else:
       results[key] = run_isolated(
           ctx, {"job": "time", "impl": impl, "pattern": pattern, "n": n,
-                "mode": mode, "reps": reps}, timeout_s)
+                "mode": mode, "reps": reps, "min_timed_s": min_timed_s},
+          timeout_s)
     res = results[key]
     summary = (f"{res['ms']:.1f} ms, {res['peak_mib']:.1f} MiB, "
                f"{res['runs']} runs, warm-up {res['warmup_s']:.1f} s"
@@ -928,11 +938,14 @@ def notes(reps):
   return [
       "Notes:",
       "",
-      f"- Time: median of up to {reps} timed calls after one or two warm-up "
-      f"calls (tracing, compilation); a measurement stops after {MIN_RUNS} "
-      f"calls once its timed calls exceed {RUN_BUDGET_S:.0f} s ('runs' "
-      "column). Each (implementation, pattern, n, mode) runs in a fresh "
-      "process forked from a server that has only imported the libraries.",
+      f"- Time: median of {reps} timed calls after one or two warm-up "
+      f"calls (tracing, compilation), more calls (up to {MAX_RUNS}) while "
+      f"the timed calls span less than {MIN_TIMED_S:.0f} s, so a quick call's "
+      "median covers as long a stretch of this shared machine's noise as a "
+      f"slow one's; a measurement stops after {MIN_RUNS} calls once its "
+      f"timed calls exceed {RUN_BUDGET_S:.0f} s ('runs' column). Each "
+      "(implementation, pattern, n, mode) runs in a fresh process forked "
+      "from a server that has only imported the libraries.",
       "- forward: inference (no tape / `torch.no_grad`). forward + backward: "
       "forward plus gradients w.r.t. q, k, v for a random output gradient "
       "(keras MHA: w.r.t. its input and its projection weights).",
@@ -1182,7 +1195,8 @@ def main(argv=None):
     print(f"[attention] matmul reference failed: {first}", file=sys.stderr)
     return 1
   keys = plan(args.patterns, args.impls, args.ns, args.op_ns)
-  results = run_all(ctx, keys, prep["sizes"], args.reps, args.timeout)
+  results = run_all(ctx, keys, prep["sizes"], args.reps,
+                    0.0 if args.quick else MIN_TIMED_S, args.timeout)
   last = run_isolated(ctx, {"job": "matmul"}, args.timeout)
   matmul = {"start": first["gflops"]}
   if last["status"] == "ok":

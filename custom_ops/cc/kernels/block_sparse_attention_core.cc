@@ -230,7 +230,8 @@ void OnlineSoftmaxRows(int64_t rows, int64_t bs, int64_t d, float scale,
       std::fill(row, row + bs, 0.0f);
       continue;
     }
-    const float alpha = std::exp(m[i] - m_new);
+    // The running max rarely moves once a row has seen a few tiles.
+    const float alpha = m_new == m[i] ? 1.0f : std::exp(m[i] - m_new);
     const Vec shift = Broadcast(m_new);
     Vec vsum{};
     for (int64_t j = 0; j < bs; j += kLanes) {

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from st_keras import ops
 from st_keras.layers import attention as attention_lib
 from st_keras.layers.embeddings import AxialPositionEmbedding
 from st_keras.layers.embeddings import text_axes
@@ -213,9 +214,13 @@ class SparseTransformer(keras.Model):
     """
     h = self.token_embedding(tokens)  # (batch, width)
     h = h + tf.cast(self.position_embedding.at(position), h.dtype)
-    new_caches = []
+    new_caches, attended = [], {}
     for block, cache in zip(self.blocks, caches):
-      h, cache = block.decode_step(h, position, cache, self.seq_len)
+      # One row lookup per step for each layout (layers share layouts).
+      layout = block.attention.layout(self.seq_len)
+      if id(layout) not in attended:
+        attended[id(layout)] = ops.attended_keys(layout, position)
+      h, cache = block.decode_step(h, position, cache, attended[id(layout)])
       new_caches.append(cache)
     return self.logits(self.final_norm(h)), new_caches
 

@@ -211,6 +211,21 @@ def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
   return cache[index]
 
 
+def masked_exp(scores, mask):
+  """The unnormalised terms of a softmax over the last axis of `scores`
+  restricted to `mask` (broadcastable to scores).
+
+  Returns:
+    (probs, row_max, total): exp(scores - row_max) where mask, else 0; the
+    row maximum over the mask (keepdims, no gradient); the row sums. A row
+    with no key has total 0.
+  """
+  scores = tf.where(mask, scores, -1e30)
+  row_max = tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
+  probs = tf.where(mask, tf.exp(scores - row_max), 0.0)
+  return probs, row_max, tf.reduce_sum(probs, axis=-1)
+
+
 def attended_keys(layout: layouts_lib.Layout, position):
   """The keys one query position attends, per head, for cached decoding.
 
@@ -238,10 +253,10 @@ def attended_keys(layout: layouts_lib.Layout, position):
     block, offset = row // bs, row % bs
     keys.append(tf.gather(t["key_positions"][:heads], block, batch_dims=1))
     sel = tf.gather(t["mask_sel"][:heads], block, batch_dims=1)
-    # (heads, width)
-    mask = tf.gather(t["masks"], sel)  # (heads, width, bs, bs)
-    mask = tf.gather(mask, offset, axis=2, batch_dims=1)  # (heads, width, bs)
-    valid.append(tf.reshape(mask, [heads, -1]))
+    # (heads, width): the query's row of each tile's token mask
+    rows = tf.broadcast_to(offset[:, None], tf.shape(sel))
+    mask = tf.gather_nd(t["masks"], tf.stack([sel, rows], axis=-1))
+    valid.append(tf.reshape(mask, [heads, -1]))  # (heads, width * bs)
   keys, valid = tf.concat(keys, axis=1), tf.concat(valid, axis=1)
   return tf.where(valid, keys, 0), valid
 
@@ -295,11 +310,7 @@ def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):
     valid = (t["key_positions"][None] <
              tf.reshape(key_lengths, [-1, 1, 1, 1]))  # (B, H, nb, width*bs)
     mask = tf.logical_and(mask, valid[:, :, :, None, :])
-  mask = tf.broadcast_to(mask, tf.shape(scores))
-  scores = tf.where(mask, scores, -1e30)
-  row_max = tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
-  probs = tf.where(mask, tf.exp(scores - row_max), 0.0)
-  total = tf.reduce_sum(probs, axis=-1)  # (B, H, nb, bs)
+  probs, row_max, total = masked_exp(scores, mask)  # total: (B, H, nb, bs)
   has_key = total > 0
   safe_total = tf.where(has_key, total, 1.0)
   out = tf.einsum("bhnqk,bhnkd->bhnqd", probs, vg) / safe_total[..., None]

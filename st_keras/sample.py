@@ -175,9 +175,9 @@ def generate(model, prompt: np.ndarray, length: int,
     if (top_k, top_p) not in samplers:
       samplers[top_k, top_p] = tf.function(
           lambda *args: cached_sample(model, *args, top_k=top_k, top_p=top_p))
-    out = samplers[top_k, top_p](tf.constant(prompt, tf.int32), tf.constant(length, tf.int32),
-              tf.constant(temperature, tf.float32),
-              tf.constant(seed, tf.int64))
+    out = samplers[top_k, top_p](
+        tf.constant(prompt, tf.int32), tf.constant(length, tf.int32),
+        tf.constant(temperature, tf.float32), tf.constant(seed, tf.int64))
     return out.numpy().astype(np.uint8)
 
   @tf.function

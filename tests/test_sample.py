@@ -211,7 +211,8 @@ def test_cli_writes_an_image_grid_and_wav(tmp_path):
   np.testing.assert_allclose(grid[:2, :4, :3] * 255, prompt[:2], atol=1)
   np.testing.assert_allclose(grid[5:7, 5:9, :3] * 255, prompt[:2], atol=1)
 
-  path = _saved_run(tmp_path / "..", "audio")
+  (tmp_path / "audio_run").mkdir()
+  path = _saved_run(tmp_path / "audio_run", "audio")
   out = tmp_path / "audio.wav"
   sample.main(["--model", path, "--length", "30", "--batch", "2",
                "--output", str(out)])

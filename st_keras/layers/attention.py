@@ -7,7 +7,6 @@ import math
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from st_keras import layouts
@@ -225,7 +224,7 @@ class SparseSelfAttention(keras.layers.Layer):
                        element_shape=[None, self.num_heads, dim])
         for dim in (self.key_dim, self.value_dim))
 
-  def decode_step(self, x, position, cache: tuple, seq_len: int):
+  def decode_step(self, x, position, cache: tuple, attended: tuple):
     """Attention output for one new position, given the earlier ones cached.
 
     The new key and value are written into the cache at `position`; the
@@ -238,7 +237,8 @@ class SparseSelfAttention(keras.layers.Layer):
       x: (batch, width) normalised input at `position`.
       position: int32 scalar tensor; all earlier positions are cached.
       cache: (keys, values) from `initial_cache` or the previous step.
-      seq_len: the `initial_cache` length (selects the layout).
+      attended: `ops.attended_keys(self.layout(seq_len), position)` for the
+        `initial_cache` length (layers that share a layout share it).
 
     Returns:
       (output (batch, width), updated cache).
@@ -249,24 +249,22 @@ class SparseSelfAttention(keras.layers.Layer):
                for dense in (self.query, self.key, self.value))
     # (batch, heads, dim) each
     keys, values = keys.write(position, k), values.write(position, v)
-    slots, valid = ops.attended_keys(self.layout(seq_len), position)
+    slots, valid = attended
     # (1 or heads, K): the same keys for every head, or a row per head
-    kg, vg = (self._gather_heads(cache, slots) for cache in (keys, values))
+    kg, vg = (self._gather_heads(entries, slots) for entries in (keys, values))
     # (batch, heads, K, dim)
     scores = tf.einsum("bhd,bhkd->bhk", q, kg) / math.sqrt(self.key_dim)
-    scores = tf.where(valid, scores, -np.inf)
-    top = tf.reduce_max(scores, axis=-1, keepdims=True)
-    probs = tf.where(valid, tf.exp(scores - tf.where(
-        tf.math.is_finite(top), top, 0.0)), 0.0)
-    total = tf.reduce_sum(probs, axis=-1, keepdims=True)
-    probs = probs / tf.where(total > 0, total, 1.0)  # a row with no key: 0
+    probs, _, total = ops.masked_exp(scores, valid)
+    probs = probs / tf.where(total > 0, total, 1.0)[..., None]
+    # a row with no key gives 0
     out = tf.einsum("bhk,bhkd->bhd", probs, vg)  # (batch, heads, value_dim)
     out = self.output_dense(tf.cast(out, self.compute_dtype)[:, :, None])
     return out[:, 0], (keys, values)
 
-  def _gather_heads(self, cache, slots):
-    """Cache entries at `slots` (1 or heads, K): (batch, heads, K, dim)."""
-    gathered = cache.gather(tf.reshape(slots, [-1]))
+  def _gather_heads(self, entries, slots):
+    """Entries of a cache TensorArray at `slots` (1 or heads, K):
+    (batch, heads, K, dim)."""
+    gathered = entries.gather(tf.reshape(slots, [-1]))
     # (slots.size, batch, heads, dim)
     if slots.shape[0] == 1:
       return tf.transpose(gathered, [1, 2, 0, 3])

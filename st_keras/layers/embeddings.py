@@ -9,6 +9,16 @@ import numpy as np
 import tensorflow as tf
 
 
+def _digits(positions, axes) -> list:
+  """Digits of `positions` (numpy or tensor ints) in the mixed radix of
+  `axes`, the last axis fastest: one array per axis."""
+  out, place = [], int(np.prod(axes))
+  for size in axes:
+    place //= size
+    out.append((positions // place) % size)
+  return out
+
+
 def text_axes(seq_len: int, stride: int) -> tuple:
   """Embedding axes aligned with a stride l: positions i div l and i mod l.
 
@@ -65,20 +75,12 @@ class AxialPositionEmbedding(keras.layers.Layer):
     if seq_len > capacity:
       raise ValueError(f"sequence length {seq_len} exceeds the position "
                        f"embedding's capacity prod{self.axes} = {capacity}")
-    positions = np.arange(seq_len)
-    out, place = [], capacity
-    for size in self.axes:
-      place //= size
-      out.append((positions // place) % size)
-    return out
+    return _digits(np.arange(seq_len), self.axes)
 
   def at(self, position):
     """The embedding of one position: (width,), from an int32 scalar."""
-    out, place = 0, int(np.prod(self.axes))
-    for table, size in zip(self.tables, self.axes):
-      place //= size
-      out = out + tf.gather(table, (position // place) % size)
-    return out
+    return tf.add_n([tf.gather(table, digit) for table, digit in
+                     zip(self.tables, _digits(position, self.axes))])
 
   def call(self, x):
     seq_len = x.shape[1]

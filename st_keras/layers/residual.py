@@ -123,20 +123,20 @@ class SparseTransformerBlock(keras.layers.Layer):
       return x + tf.recompute_grad(branches)(x, seed)
     return x + branches(x, seed)
 
-  def decode_step(self, x, position, cache: tuple, seq_len: int):
+  def decode_step(self, x, position, cache: tuple, attended: tuple):
     """The block at one new position (inference: no dropout).
 
     Args:
       x: (batch, width) input at `position`.
       position: int32 scalar tensor.
       cache: the attention's (keys, values) cache.
-      seq_len: the cache length.
+      attended: see `SparseSelfAttention.decode_step`.
 
     Returns:
       (output (batch, width), updated cache).
     """
     a, cache = self.attention.decode_step(self.attention_norm(x), position,
-                                          cache, seq_len)
+                                          cache, attended)
     b = self.ff_out(self.ff_in(self.ff_norm(x + a)))
     return x + a + b, cache
 

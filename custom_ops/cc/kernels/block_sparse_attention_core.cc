@@ -349,7 +349,7 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
             const int32_t mask = lay.mask_idx[cursor[g]];
             if (TileNeedsMask(shape, mask)) {
               MaskTile(shape, lay, b, h, kb, mask,
-                              s_run + (g - g0) * bs * bs);
+                       s_run + (g - g0) * bs * bs);
             }
             ++cursor[g];
           }
@@ -418,7 +418,7 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
             const int32_t mask = lay.col_mask_idx[e];
             if (TileNeedsMask(shape, mask)) {
               MaskTile(shape, lay, b, h, kb, mask,
-                              p.data() + (e - e0) * bs * bs);
+                       p.data() + (e - e0) * bs * bs);
             }
           }
           for (int64_t i = 0; i < rows; ++i) {

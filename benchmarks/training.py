@@ -42,10 +42,12 @@ MEMORY_KILL_GIB = 21.0
 POLL_S = 0.2
 
 
-def model_kwargs(pattern, n, recompute):
+def model_kwargs(pattern, n, recompute, width=DEMO["width"],
+                 num_layers=DEMO["num_layers"]):
   """SparseTransformer arguments of a benchmark configuration."""
   kwargs = dict(DEMO, seq_len=n, pattern=pattern, recompute=recompute,
-                block_size=32, stride=128, summary=32)
+                block_size=32, stride=128, summary=32, width=width,
+                num_layers=num_layers)
   if pattern == "strided":
     stride = 2 ** round(math.log2(math.sqrt(n)))
     kwargs.update(stride=stride, block_size=min(64, stride))
@@ -60,8 +62,9 @@ def child(spec):
   import tensorflow as tf
   from st_keras import models
   n, batch = spec["n"], spec["batch"]
+  size = {key: spec[key] for key in ("width", "num_layers") if key in spec}
   model = models.SparseTransformer(**model_kwargs(spec["pattern"], n,
-                                                  spec["recompute"]))
+                                                  spec["recompute"], **size))
   model.build()
   optimizer = keras.optimizers.AdamW(1e-4)
   loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -84,8 +87,14 @@ def child(spec):
     return time.perf_counter() - start, loss
 
   # steps == 0: the single (first) step is the measurement, tracing included.
+  # first_peak_mib: the first step's peak above the RSS before it (later
+  # steps reuse what the allocator kept, so their peak says less).
+  release_free_memory()
+  first_baseline = proc_status_bytes("VmRSS")
+  reset_peak_rss()
   if spec["steps"] > 0:
     warmup_s, loss = timed_step()
+  first_peak = proc_status_bytes("VmHWM") - first_baseline
   release_free_memory()
   baseline = proc_status_bytes("VmRSS")
   reset_peak_rss()
@@ -94,18 +103,30 @@ def child(spec):
     seconds, loss = timed_step()
     times.append(seconds)
   peak = proc_status_bytes("VmHWM") - baseline
+  if spec["steps"] == 0:
+    first_peak = peak
   print(json.dumps({"status": "ok", "step_s": statistics.median(times),
-                    "peak_mib": max(peak, 0) / MIB, "loss": loss,
+                    "peak_mib": max(peak, 0) / MIB,
+                    "first_peak_mib": max(first_peak, 0) / MIB, "loss": loss,
                     "params": model.count_params(), "tokens": batch * n}))
 
 
-def run_child(spec, timeout_s):
+def run_child(spec, timeout_s, env=None):
   """Runs one configuration in a fresh Python; kills it past the memory or
-  time limit."""
+  time limit.
+
+  Args:
+    spec: the configuration (see `child`).
+    timeout_s: wall-clock limit.
+    env: extra environment variables of the child.
+
+  Returns:
+    The child's result dict, or {'status': why it failed}.
+  """
   proc = subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
   deadline = time.monotonic() + timeout_s
   status = None
   while proc.poll() is None:

@@ -292,8 +292,12 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
   checkpointer = StepCheckpointer(manager, last,
                                   global_batch * cfg.data.context,
                                   cfg.train.log_every)
+  # history.csv: one row per checkpoint interval (training and validation
+  # metrics), appended to on resume, for learning curves.
   callbacks = [checkpointer, keras.callbacks.TensorBoard(
-      os.path.join(out_dir, "logs"), update_freq=10)]
+      os.path.join(out_dir, "logs"), update_freq=10),
+               keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"),
+                                         append=True)]
   # The training stream starts at the restored step.
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:

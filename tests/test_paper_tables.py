@@ -1,0 +1,148 @@
+"""benchmarks/paper_tables.py --quick end to end, and the digits converter."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import digits_to_cifar  # noqa: E402
+from st_keras.data import images  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bilinear_upsample(image, side):
+  """Independent reference: half-pixel-centred bilinear, edges clamped."""
+  n = image.shape[0]
+  src = np.clip((np.arange(side) + 0.5) * n / side - 0.5, 0, n - 1)
+  lo = np.floor(src).astype(int)
+  hi = np.minimum(lo + 1, n - 1)
+  w = src - lo
+  rows = image[lo] * (1 - w)[:, None] + image[hi] * w[:, None]
+  return rows[:, lo] * (1 - w) + rows[:, hi] * w
+
+
+def test_digits_become_cifar_records(tmp_path):
+  from sklearn.datasets import load_digits
+  info = digits_to_cifar.write_dataset(str(tmp_path), test=7, limit=40)
+  assert info == {"train": 33, "test": 7, "path": str(tmp_path)}
+  train, train_labels = images.read_cifar10(str(tmp_path), "train")
+  test, test_labels = images.read_cifar10(str(tmp_path), "test")
+  assert train.shape == (33, 3072) and test.shape == (7, 3072)
+  # Model order is (row, column, channel): the three channels are equal.
+  pictures = np.concatenate([test, train]).reshape(-1, 32, 32, 3)
+  assert (pictures == pictures[..., :1]).all()
+  digits = load_digits()
+  order = np.random.default_rng(digits_to_cifar.SEED).permutation(
+      len(digits.images))[:40]
+  np.testing.assert_array_equal(np.concatenate([test_labels, train_labels]),
+                                digits.target[order])
+  for picture, index in zip(pictures, order):
+    expected = bilinear_upsample(digits.images[index] * 255.0 / 16.0, 32)
+    assert np.abs(picture[..., 0] - expected).max() <= 2.0
+
+
+def test_digits_converter_rejects_a_bad_split(tmp_path):
+  with pytest.raises(ValueError, match="test must be in 1..9"):
+    digits_to_cifar.write_dataset(str(tmp_path), test=10, limit=10)
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "digits_to_cifar.py"),
+       "--output", str(tmp_path), "--test", "0"],
+      capture_output=True, text=True)
+  assert result.returncode == 2 and "test must be in" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_tables(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tables")
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "paper_tables.py"),
+       "--quick", "--output-dir", str(out)],
+      capture_output=True, text=True, cwd=REPO, timeout=900,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "results.json") as f:
+    return out, json.load(f), (out / "RESULTS.md").read_text()
+
+
+def test_quick_tables_write_every_table(quick_tables):
+  out, results, markdown = quick_tables
+  for heading in ("## Table 2", "### Text: Python standard library",
+                  "### Images: scikit-learn digits", "## Table 3",
+                  "## Table 4", "Command: `PYTHONPATH=. .venv/bin/python "
+                  "benchmarks/paper_tables.py --quick`", "Machine: "):
+    assert heading in markdown
+  for name in ("results_table2_text.png", "results_table2_images.png",
+               "results_table3.png", "results_table4.png"):
+    with open(out / name, "rb") as f:
+      assert f.read(8) == PNG_MAGIC, name
+    assert f"]({name})" in markdown
+
+
+def test_quick_table2_trains_all_three_patterns(quick_tables):
+  _, results, markdown = quick_tables
+  for kind in ("text", "images"):
+    runs = results[kind]
+    for pattern in ("dense", "fixed", "strided"):
+      r = runs[pattern]
+      # Trained from 8 bits (uniform bytes) and timed.
+      assert 0 < r["bits"] < 8.0 and r["ms_per_step"] > 0
+      assert r["peak_mib"] > 100
+      steps = [step for step, _ in r["curve"]]
+      assert steps == sorted(steps) and steps[-1] == r["steps"]
+      assert all(math.isfinite(b) for _, b in r["curve"] + r["train_curve"])
+      assert f"| {pattern} | {r['bits']:.4f} |" in markdown
+    assert runs["config"]["model"]["width"] == 64
+
+
+def test_quick_table3_scores_the_same_bytes(quick_tables):
+  _, results, markdown = quick_tables
+  t3 = results["table3"]
+  assert t3["contexts"] == [64, 128, 192, 256, 384, 512]
+  assert t3["scored_bytes"] == 16 * 64
+  assert all(0 < t3["bits"][str(c)] < 8.0 for c in t3["contexts"])
+  # Different contexts give different predictions of the same bytes.
+  assert len({round(v, 6) for v in t3["bits"].values()}) > 1
+  assert "Monotone non-increasing: " in markdown
+
+
+def test_quick_table4_steps_every_context(quick_tables):
+  _, results, _ = quick_tables
+  rows = results["table4"]["rows"]
+  assert sorted(int(n) for n in rows) == [1024, 2048]
+  for row in rows.values():
+    for pattern in ("strided", "dense"):
+      r = row[pattern]
+      assert r["status"] == "ok" and r["step_s"] > 0
+      assert (r["layers"], r["width"]) in ((1, 64), (2, 64))
+      assert math.isfinite(r["loss"])
+
+
+def test_quick_tables_write_the_corpus_manifest(quick_tables):
+  out, results, _ = quick_tables
+  with open(out / "results_stdlib_manifest.json") as f:
+    manifest = json.load(f)
+  from st_keras.data import text
+  split = text.stdlib_manifest()
+  assert manifest["valid"]["paths"] == split["valid"]
+  assert manifest["train"]["files"] == len(split["train"])
+  assert manifest["valid"]["bytes"] == text.stdlib_splits()["valid"].size
+
+
+def test_tables_argument_errors():
+  script = os.path.join(REPO, "benchmarks", "paper_tables.py")
+  for args, message in ((["--quick"], "--quick needs --output-dir"),
+                        (["--tables", "table3", "--output-dir", "/tmp/x"],
+                         "table3 without text"),
+                        (["--tables", "bogus", "--output-dir", "/tmp/x"],
+                         "unknown ['bogus']")):
+    result = subprocess.run([sys.executable, script] + args,
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and message in result.stderr, args

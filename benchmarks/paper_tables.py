@@ -23,7 +23,7 @@ TF_ENABLE_ONEDNN_OPTS=1 (TensorFlow's oneDNN kernels: ~1.5x faster dense
 layers on this CPU) for every variant alike.
 
 Usage:
-  python benchmarks/paper_tables.py            # full: ~75 min, writes docs/
+  python benchmarks/paper_tables.py            # full: ~110 min, writes docs/
   python benchmarks/paper_tables.py --quick --output-dir /tmp/tables
 """
 

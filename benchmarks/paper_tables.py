@@ -133,7 +133,7 @@ def run_process(argv: list, timeout_s: float) -> dict:
 
 
 def python_child(kind: str, spec: dict, timeout_s: float = 3600) -> dict:
-  """Runs `child_main(kind, spec)` in a fresh Python; returns its JSON."""
+  """Runs `CHILDREN[kind](spec)` in a fresh Python; returns its JSON."""
   run = run_process([sys.executable, os.path.abspath(__file__), "--child",
                      kind, json.dumps(spec)], timeout_s)
   lines = [l for l in run["stdout"].splitlines() if l.startswith("{")]
@@ -169,10 +169,9 @@ def train_run(name: str, config: dict, root: str) -> dict:
   metric = ("bits_per_dim" if config["data"]["kind"] == "cifar10" else
             "bits_per_byte")
   curve, train_curve = [], []
-  every = config["train"]["checkpoint_every"]
   with open(os.path.join(out_dir, "history.csv")) as f:
     for row in csv.DictReader(f):
-      step = (int(row["epoch"]) + 1) * every
+      step = int(row["step"])
       curve.append((step, float(row["val_" + metric])))
       train_curve.append((step, float(row[metric])))
   tokens = config["data"]["batch_size"] * config["data"]["context"]
@@ -226,26 +225,20 @@ def manifest_child(spec: dict) -> dict:
   """The default corpus's train/valid split, written to spec['path']."""
   import hashlib
   from st_keras.data import text
-  manifest = text.stdlib_manifest()
-  splits = text.stdlib_splits()
-  record = {
-      "python": platform.python_version(),
-      "root": manifest["root"][0],
-      "rule": "a file is valid when crc32(relative path) % 1000 < 50",
-      "train": {"files": len(manifest["train"]),
-                "bytes": int(splits["train"].size),
-                "sha256": hashlib.sha256(splits["train"].tobytes()).hexdigest()},
-      "valid": {"files": len(manifest["valid"]),
-                "bytes": int(splits["valid"].size),
-                "sha256": hashlib.sha256(splits["valid"].tobytes()).hexdigest(),
-                "paths": manifest["valid"]}}
+  manifest, splits = text.stdlib_manifest(), text.stdlib_splits()
+  record = {"python": platform.python_version(), "root": manifest["root"][0],
+            "rule": "a file is valid when crc32(relative path) % 1000 < 50"}
+  for part, data in splits.items():
+    record[part] = {"files": len(manifest[part]), "bytes": int(data.size),
+                    "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+  record["valid"]["paths"] = manifest["valid"]
   with open(spec["path"], "w") as f:
     json.dump(record, f, indent=1)
-  return {k: v for k, v in record.items() if k not in ("valid", "train")} | {
-      "train_bytes": record["train"]["bytes"],
-      "valid_bytes": record["valid"]["bytes"],
-      "train_files": record["train"]["files"],
-      "valid_files": record["valid"]["files"]}
+  summary = {k: record[k] for k in ("python", "root", "rule")}
+  for part in ("train", "valid"):
+    summary.update({f"{part}_files": record[part]["files"],
+                    f"{part}_bytes": record[part]["bytes"]})
+  return summary
 
 
 CHILDREN = {"table3": table3_child, "manifest": manifest_child}

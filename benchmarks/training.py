@@ -86,18 +86,20 @@ def child(spec):
     loss = float(step(x, y))
     return time.perf_counter() - start, loss
 
+  def fresh_baseline():  # RSS now, with the peak reset to it
+    release_free_memory()
+    rss = proc_status_bytes("VmRSS")
+    reset_peak_rss()
+    return rss
+
   # steps == 0: the single (first) step is the measurement, tracing included.
   # first_peak_mib: the first step's peak above the RSS before it (later
   # steps reuse what the allocator kept, so their peak says less).
-  release_free_memory()
-  first_baseline = proc_status_bytes("VmRSS")
-  reset_peak_rss()
+  baseline = fresh_baseline()
   if spec["steps"] > 0:
-    warmup_s, loss = timed_step()
-  first_peak = proc_status_bytes("VmHWM") - first_baseline
-  release_free_memory()
-  baseline = proc_status_bytes("VmRSS")
-  reset_peak_rss()
+    _, loss = timed_step()
+    first_peak = proc_status_bytes("VmHWM") - baseline
+    baseline = fresh_baseline()
   times = []
   for _ in range(max(1, spec["steps"])):
     seconds, loss = timed_step()

@@ -179,6 +179,23 @@ def worker_dir(output_dir: str, strategy) -> str:
                       f"{task_type}_{resolver.task_id}")
 
 
+class StepHistory(keras.callbacks.CSVLogger):
+  """`CSVLogger` whose rows also carry the optimizer step at the end of the
+  interval, so rows of resumed runs (whose epoch indices restart at the
+  resumed interval) still place exactly on a learning curve.
+
+  Args:
+    path: the CSV file; appended to when it exists.
+  """
+
+  def __init__(self, path: str):
+    super().__init__(path, append=True)
+
+  def on_epoch_end(self, epoch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    super().on_epoch_end(epoch, {**(logs or {}), "step": step})
+
+
 class StepCheckpointer(keras.callbacks.Callback):
   """Saves a checkpoint at the end of every epoch (checkpoint interval),
   stops training at step `last`, and times the training steps.
@@ -292,12 +309,11 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
   checkpointer = StepCheckpointer(manager, last,
                                   global_batch * cfg.data.context,
                                   cfg.train.log_every)
-  # history.csv: one row per checkpoint interval (training and validation
-  # metrics), appended to on resume, for learning curves.
-  callbacks = [checkpointer, keras.callbacks.TensorBoard(
-      os.path.join(out_dir, "logs"), update_freq=10),
-               keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"),
-                                         append=True)]
+  # history.csv: one row per checkpoint interval (step, training and
+  # validation metrics), appended to on resume, for learning curves.
+  callbacks = [checkpointer, StepHistory(os.path.join(out_dir, "history.csv")),
+               keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"),
+                                           update_freq=10)]
   # The training stream starts at the restored step.
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:

@@ -223,7 +223,10 @@ def measure(run, reps, min_timed_s=0.0):
   One or two warm-up calls (tracing, compilation), then `reps` timed calls,
   more (up to MAX_RUNS) while the timed calls took less than MIN_TIMED_S;
   stops early after MIN_RUNS calls once the timed calls took RUN_BUDGET_S.
-  Peak memory is VmHWM minus the RSS after the warm-up.
+  Peak memory is VmHWM minus the RSS after the warm-up. Python's garbage
+  collector is off during the timed calls, as in `timeit`: its full passes
+  over the framework's millions of objects would otherwise land in whichever
+  call happens to trigger them.
 
   Args:
     run: zero-argument callable that blocks until its work is done.
@@ -243,13 +246,17 @@ def measure(run, reps, min_timed_s=0.0):
   baseline = proc_status_bytes("VmRSS")
   reset_peak_rss()
   times = []
-  while len(times) < reps or (sum(times) < min_timed_s and
-                              len(times) < MAX_RUNS):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-    if len(times) >= MIN_RUNS and sum(times) > RUN_BUDGET_S:
-      break
+  gc.disable()
+  try:
+    while len(times) < reps or (sum(times) < min_timed_s and
+                                len(times) < MAX_RUNS):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+      if len(times) >= MIN_RUNS and sum(times) > RUN_BUDGET_S:
+        break
+  finally:
+    gc.enable()
   peak = proc_status_bytes("VmHWM") - baseline
   return {"status": "ok", "ms": 1e3 * statistics.median(times),
           "runs": len(times), "peak_mib": max(peak, 0) / MIB,

@@ -83,29 +83,6 @@ class Component:
     counts = np.diff(self.row_ptr.astype(np.int64))
     return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
 
-  def transposed(self, num_blocks: int):
-    """Column-major copy of the tile tables, for the backward pass.
-
-    Args:
-      num_blocks: blocks per head, n // block_size.
-
-    Returns:
-      (col_ptr int32 [heads * nb + 1], row_idx int32 [nnz],
-       col_mask_idx int32 [nnz]): tiles of key block c of head h are entries
-      col_ptr[h * nb + c] : col_ptr[h * nb + c + 1], query blocks increasing.
-      Masks keep the [query, key] orientation.
-    """
-    rows = self.tile_rows()
-    heads = rows // num_blocks
-    qb = rows % num_blocks
-    key = (heads * num_blocks + self.col_idx) * num_blocks + qb
-    order = np.argsort(key, kind="stable")
-    col_rows = heads[order] * num_blocks + self.col_idx[order]
-    col_ptr = np.zeros(self.row_ptr.shape[0], np.int64)
-    np.add.at(col_ptr, col_rows + 1, 1)
-    return (np.cumsum(col_ptr).astype(np.int32), qb[order].astype(np.int32),
-            self.mask_idx[order].astype(np.int32))
-
 
 class Layout:
   """A sparse attention pattern over `num_heads` heads and `seq_len` tokens.

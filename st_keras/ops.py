@@ -149,7 +149,6 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
   cache = layout.__dict__.setdefault("_st_keras_tensors", {})
   if index not in cache:
     comp = layout.components[index]
-    col_ptr, row_idx, col_mask_idx = comp.transposed(layout.num_blocks)
     with tf.init_scope():
       perm = comp.perm
       cache[index] = {
@@ -161,9 +160,6 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
           "row_ptr": tf.constant(comp.row_ptr),
           "col_idx": tf.constant(comp.col_idx),
           "mask_idx": tf.constant(comp.mask_idx),
-          "col_ptr": tf.constant(col_ptr),
-          "row_idx": tf.constant(row_idx),
-          "col_mask_idx": tf.constant(col_mask_idx),
           "masks": tf.constant(comp.masks),
       }
   return cache[index]
@@ -283,9 +279,7 @@ def _component_custom_op(q, k, v, tables, scale, key_lengths):
   """Returns (out [B, H, n, d] q.dtype, lse [B, H, n] float32)."""
   return load_library().sparse_transformer_block_sparse_attention(
       q, k, v, key_lengths, tables["key_positions"], tables["row_ptr"],
-      tables["col_idx"], tables["mask_idx"], tables["col_ptr"],
-      tables["row_idx"], tables["col_mask_idx"], tables["masks"],
-      scale=scale)
+      tables["col_idx"], tables["mask_idx"], tables["masks"], scale=scale)
 
 
 def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):

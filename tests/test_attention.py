@@ -41,11 +41,17 @@ PATTERNS = {
     "from_mask": lambda: layouts.from_mask(
         np.random.default_rng().random((2, 64, 64)) < 0.15, 16),
     # 13 query blocks: the kernel's groups of consecutive query blocks end
-    # part-way, and runs in the column table are broken at random.
+    # part-way, runs of query blocks sharing a key block are broken at
+    # random, and few neighbouring key blocks have the same query blocks.
     "from_mask_ragged_groups": lambda: layouts.from_mask(
         np.random.default_rng().random((3, 208, 208)) < 0.3, 16),
-    # Columns of 20 consecutive query blocks: longer than one kernel run.
+    # 20 query blocks over 20 key blocks: several groups and merged steps.
     "causal_long_columns": lambda: layouts.causal(320, 16, num_heads=1),
+    # The benchmark's pattern shrunk: at block 32 the kernel takes two key
+    # blocks per step (summary columns of earlier strides) over groups of
+    # four query blocks, and the diagonal's masked tiles in single steps.
+    "fixed_block_32_many_strides": lambda: layouts.fixed(
+        1024, 32, stride=128, summary=32, num_heads=2),
 }
 
 
@@ -167,7 +173,9 @@ def test_rows_with_no_allowed_key_are_zero(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["fixed", "strided_n_not_multiple_of_stride",
-                                  "local", "union", "per_head", "from_mask"])
+                                  "local", "union", "per_head", "from_mask",
+                                  "from_mask_ragged_groups",
+                                  "fixed_block_32_many_strides"])
 def test_gradients_match_reference(name, impl):
   lay = PATTERNS[name]()
   batch, d, scale = 2, 48, 0.25
@@ -371,13 +379,11 @@ class TestBadInput:
 
   def _raw(self, **overrides):
     comp = self.lay.components[0]
-    col_ptr, row_idx, col_mask_idx = comp.transposed(self.lay.num_blocks)
     args = dict(q=self.q, k=self.k, v=self.v,
                 key_lengths=np.zeros(0, np.int32),
                 key_positions=np.zeros((0, 0), np.int32),
                 row_ptr=comp.row_ptr, col_idx=comp.col_idx,
-                mask_idx=comp.mask_idx, col_ptr=col_ptr, row_idx=row_idx,
-                col_mask_idx=col_mask_idx, masks=comp.masks, scale=0.1)
+                mask_idx=comp.mask_idx, masks=comp.masks, scale=0.1)
     args.update(overrides)
     return ops.load_library().sparse_transformer_block_sparse_attention(
         **args)
@@ -406,15 +412,13 @@ class TestBadInput:
 
   def test_raw_grad_op_rejects_bad_shapes(self):
     comp = self.lay.components[0]
-    col_ptr, row_idx, col_mask_idx = comp.transposed(self.lay.num_blocks)
     lib = ops.load_library()
     with pytest.raises(tf.errors.InvalidArgumentError, match="lse and dlse"):
       lib.sparse_transformer_block_sparse_attention_grad(
           self.q, self.k, self.v, self.q, np.zeros((1, 2, 64), np.float32),
           self.q, np.zeros((1, 2, 128), np.float32), np.zeros(0, np.int32),
           np.zeros((0, 0), np.int32), comp.row_ptr, comp.col_idx,
-          comp.mask_idx, col_ptr, row_idx, col_mask_idx, comp.masks,
-          scale=0.1)
+          comp.mask_idx, comp.masks, scale=0.1)
 
 
 def test_pure_tf_path_exports_to_a_savedmodel_of_stock_ops(tmp_path):

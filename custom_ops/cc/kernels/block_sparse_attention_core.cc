@@ -174,15 +174,17 @@ inline Vec ExpNonPositive(const Vec& x_in) {
 }
 
 // Sets scores of keys outside the token mask or past the key length to -inf.
-// s is [bs, bs] indexed [query][key].
+// s is one [bs, bs] tile, indexed [query][key], of a buffer with rows of
+// `lds` floats.
 void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
-              int64_t h, int64_t key_block, int32_t mask, float* s) {
+              int64_t h, int64_t key_block, int32_t mask, float* s,
+              int64_t lds) {
   const int64_t bs = lay.block_size;
   if (mask >= 0) {
     const uint8_t* m = lay.masks + mask * bs * bs;
     for (int64_t i = 0; i < bs; ++i) {
       for (int64_t j = 0; j < bs; ++j) {
-        float& x = s[i * bs + j];
+        float& x = s[i * lds + j];
         x = m[i * bs + j] ? x : kNegInf;
       }
     }
@@ -195,7 +197,7 @@ void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
                               ? shape.key_positions[h * shape.seq_len + p]
                               : p;
       if (pos < len) continue;
-      for (int64_t i = 0; i < bs; ++i) s[i * bs + j] = kNegInf;
+      for (int64_t i = 0; i < bs; ++i) s[i * lds + j] = kNegInf;
     }
   }
 }
@@ -209,32 +211,174 @@ bool TileNeedsMask(const AttentionShape& shape, int32_t mask) {
 // hold at most kGroupRows query rows (and at least one block).
 constexpr int64_t kGroupRows = 128;
 
-int64_t GroupBlocks(int64_t block_size) {
-  return std::max<int64_t>(1, kGroupRows / block_size);
+// Up to kMergeColumns keys (whole blocks, at least one) attended by the same
+// query blocks are taken in one step: their scores form one [rows, width]
+// buffer, the softmax bookkeeping runs once per row for all of them, and the
+// product with V (forward) or K (dQ) is one GEMM of depth `width`, so the
+// accumulator rows are loaded and stored once per step, not once per block.
+constexpr int64_t kMergeColumns = 64;
+
+// Walks the tiles of up to `max_group` consecutive query blocks of one head
+// together, in key-block order, one step of up to `max_merge` key blocks at a
+// time. In a step every key block is attended by the same query blocks
+// (active(g)); those form runs of consecutive blocks, each run one GEMM.
+class TileWalk {
+ public:
+  TileWalk(const LayoutTables& lay, int64_t max_group, int64_t max_merge)
+      : lay_(lay),
+        max_merge_(max_merge),
+        cursor_(max_group),
+        stop_(max_group),
+        entry_(max_group * max_merge),
+        key_blocks_(max_merge),
+        step_active_(max_group),
+        lead_active_(max_group) {}
+
+  // Starts on query blocks first_block .. first_block + group_blocks - 1.
+  void Start(int64_t head, int64_t first_block, int64_t group_blocks) {
+    group_blocks_ = group_blocks;
+    const int64_t row = head * lay_.num_blocks + first_block;
+    for (int64_t g = 0; g < group_blocks; ++g) {
+      cursor_[g] = lay_.row_ptr[row + g];
+      stop_[g] = lay_.row_ptr[row + g + 1];
+    }
+    lead_key_ = FindNext(&lead_active_);
+  }
+
+  // Takes the next step; false when every tile has been visited.
+  bool Next() {
+    if (lead_key_ < 0) return false;
+    std::swap(step_active_, lead_active_);
+    count_ = 0;
+    do {
+      key_blocks_[count_] = lead_key_;
+      for (int64_t g = 0; g < group_blocks_; ++g) {
+        if (step_active_[g]) entry_[count_ * group_blocks_ + g] = cursor_[g]++;
+      }
+      ++count_;
+      lead_key_ = FindNext(&lead_active_);
+    } while (lead_key_ >= 0 && count_ < max_merge_ &&
+             std::equal(lead_active_.begin(),
+                        lead_active_.begin() + group_blocks_,
+                        step_active_.begin()));
+    return true;
+  }
+
+  int64_t count() const { return count_; }  // key blocks in this step
+  int64_t key_block(int64_t c) const { return key_blocks_[c]; }
+  bool active(int64_t g) const { return step_active_[g] != 0; }
+  // Mask id of the tile (query block g of the group, key block c of the step).
+  int32_t mask(int64_t c, int64_t g) const {
+    return lay_.mask_idx[entry_[c * group_blocks_ + g]];
+  }
+
+  // Calls fn(g0, g1) for each run g0 .. g1 - 1 of active query blocks.
+  template <typename Fn>
+  void ForEachRun(const Fn& fn) const {
+    for (int64_t g0 = 0; g0 < group_blocks_;) {
+      if (!active(g0)) {
+        ++g0;
+        continue;
+      }
+      int64_t g1 = g0 + 1;
+      while (g1 < group_blocks_ && active(g1)) ++g1;
+      fn(g0, g1);
+      g0 = g1;
+    }
+  }
+
+ private:
+  // The smallest key block at any cursor (-1 when none is left); sets which
+  // query blocks have it next.
+  int64_t FindNext(std::vector<char>* has) const {
+    int64_t kb = -1;
+    for (int64_t g = 0; g < group_blocks_; ++g) {
+      if (cursor_[g] < stop_[g] && (kb < 0 || lay_.col_idx[cursor_[g]] < kb)) {
+        kb = lay_.col_idx[cursor_[g]];
+      }
+    }
+    for (int64_t g = 0; g < group_blocks_; ++g) {
+      (*has)[g] = kb >= 0 && cursor_[g] < stop_[g] &&
+                  lay_.col_idx[cursor_[g]] == kb;
+    }
+    return kb;
+  }
+
+  const LayoutTables& lay_;
+  const int64_t max_merge_;
+  int64_t group_blocks_ = 0;
+  int64_t count_ = 0;
+  int64_t lead_key_ = -1;  // first key block of the next step, -1 at end
+  std::vector<int32_t> cursor_, stop_, entry_;
+  std::vector<int64_t> key_blocks_;
+  // Query blocks attending this step's key blocks, and the next step's.
+  std::vector<char> step_active_, lead_active_;
+};
+
+// Blocks per query group and key blocks per step for block size bs.
+int64_t GroupBlocks(int64_t bs) { return std::max<int64_t>(1, kGroupRows / bs); }
+int64_t MergeBlocks(int64_t bs) {
+  return std::max<int64_t>(1, kMergeColumns / bs);
 }
 
-// One online-softmax step for `rows` rows of raw scores s [rows, bs]: updates
-// the running max m and sum l, rescales acc [rows, d] and leaves the
-// unnormalised probabilities exp(scale * s - m) in s.
-void OnlineSoftmaxRows(int64_t rows, int64_t bs, int64_t d, float scale,
+// The rows of the step's key blocks from `x` ([n, d] of one (batch, head)) as
+// one [count * bs, d] matrix: x itself for a single block, else copied to buf.
+const float* StepRows(const TileWalk& walk, const float* x, int64_t bs,
+                      int64_t d, float* buf) {
+  if (walk.count() == 1) return x + walk.key_block(0) * bs * d;
+  for (int64_t c = 0; c < walk.count(); ++c) {
+    const float* src = x + walk.key_block(c) * bs * d;
+    std::copy(src, src + bs * d, buf + c * bs * d);
+  }
+  return buf;
+}
+
+// s [rows, count * bs] = a [rows, d] times the step's tile-transposed blocks
+// of xt ([nb, d, bs] of one (batch, head)), then masks the run's tiles when
+// `mask` (query blocks g0 .. g1 - 1 of the group).
+void StepScores(const AttentionShape& shape, const LayoutTables& lay,
+                const TileWalk& walk, int64_t b, int64_t h, int64_t g0,
+                int64_t g1, const float* a, const float* xt, bool mask,
+                float* s) {
+  const int64_t bs = lay.block_size, d = shape.head_dim;
+  const int64_t rows = (g1 - g0) * bs, width = walk.count() * bs;
+  for (int64_t c = 0; c < walk.count(); ++c) {
+    const int64_t kb = walk.key_block(c);
+    Gemm<false>(rows, d, bs, a, d, xt + kb * d * bs, bs, s + c * bs, width);
+    if (!mask) continue;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int32_t id = walk.mask(c, g);
+      if (TileNeedsMask(shape, id)) {
+        MaskTile(shape, lay, b, h, kb, id, s + (g - g0) * bs * width + c * bs,
+                 width);
+      }
+    }
+  }
+}
+
+// One online-softmax step for `rows` rows of raw scores s [rows, width]
+// (width a multiple of kLanes): updates the running max m and sum l,
+// rescales acc [rows, d] and leaves the unnormalised probabilities
+// exp(scale * s - m) in s.
+void OnlineSoftmaxRows(int64_t rows, int64_t width, int64_t d, float scale,
                        float* s, float* m, float* l, float* acc) {
   for (int64_t i = 0; i < rows; ++i) {
-    float* row = s + i * bs;
+    float* row = s + i * width;
     Vec vmax = Load(row);
-    for (int64_t j = kLanes; j < bs; j += kLanes) {
+    for (int64_t j = kLanes; j < width; j += kLanes) {
       const Vec x = Load(row + j);
       vmax = x > vmax ? x : vmax;
     }
     const float m_new = std::max(m[i], HorizontalMax(vmax) * scale);
     if (m_new == kNegInf) {  // nothing attended yet in this row
-      std::fill(row, row + bs, 0.0f);
+      std::fill(row, row + width, 0.0f);
       continue;
     }
     // The running max rarely moves once a row has seen a few tiles.
     const float alpha = m_new == m[i] ? 1.0f : std::exp(m[i] - m_new);
     const Vec shift = Broadcast(m_new);
     Vec vsum{};
-    for (int64_t j = 0; j < bs; j += kLanes) {
+    for (int64_t j = 0; j < width; j += kLanes) {
       const Vec p = ExpNonPositive(Load(row + j) * scale - shift);
       Store(row + j, p);
       vsum += p;
@@ -287,22 +431,20 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
   const LayoutTables& lay = args.layout;
   const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
-  const int64_t G = GroupBlocks(bs);
+  const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
   const int64_t groups = (nb + G - 1) / G;
   const int64_t nnz = lay.row_ptr[H * nb];
   const int64_t tiles_per_group =
       std::max<int64_t>(1, nnz / std::max<int64_t>(1, H * groups));
   const int64_t cost = tiles_per_group * bs * bs * (4 * d + 20);
 
-  // Unit: (batch, head, group of G query blocks). The rows of the group walk
-  // their tile lists together in key-block order; at each key block the
-  // query blocks that attend it form runs of consecutive blocks, and each
-  // run is one GEMM of up to G * bs rows.
+  // Unit: (batch, head, group of G query blocks). Each step of the walk is
+  // one online-softmax update of the group's active rows.
   parallel_for(shape.batch * H * groups, cost, [&](int64_t begin,
                                                    int64_t end) {
-    std::vector<float> s(G * bs * bs), acc(G * bs * d), m(G * bs), l(G * bs);
-    std::vector<int32_t> cursor(G), stop(G);
-    std::vector<char> active(G);
+    TileWalk walk(lay, G, M);
+    std::vector<float> s(G * bs * M * bs), v_buf(M * bs * d);
+    std::vector<float> acc(G * bs * d), m(G * bs), l(G * bs);
     for (int64_t unit = begin; unit < end; ++unit) {
       // Later groups attend more key blocks; alternating light and heavy
       // groups keeps any contiguous range of units near the average cost.
@@ -313,51 +455,27 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
       const int64_t qb0 = group * G;
       const int64_t g_count = std::min(G, nb - qb0);
       const float* q = args.q + (bh * n + qb0 * bs) * d;  // [g_count*bs, d]
+      const float* kt = args.kt + bh * n * d;              // [nb, d, bs]
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t g = 0; g < g_count; ++g) {
-        cursor[g] = lay.row_ptr[h * nb + qb0 + g];
-        stop[g] = lay.row_ptr[h * nb + qb0 + g + 1];
-      }
-      while (true) {
-        int64_t kb = -1;
-        for (int64_t g = 0; g < g_count; ++g) {
-          if (cursor[g] < stop[g] && (kb < 0 || lay.col_idx[cursor[g]] < kb)) {
-            kb = lay.col_idx[cursor[g]];
-          }
-        }
-        if (kb < 0) break;
-        for (int64_t g = 0; g < g_count; ++g) {
-          active[g] = cursor[g] < stop[g] && lay.col_idx[cursor[g]] == kb;
-        }
-        const float* kt = args.kt + (bh * nb + kb) * d * bs;  // [d, bs]
-        const float* v = args.v + (bh * n + kb * bs) * d;     // [bs, d]
-        for (int64_t g0 = 0; g0 < g_count;) {
-          if (!active[g0]) {
-            ++g0;
-            continue;
-          }
-          int64_t g1 = g0 + 1;
-          while (g1 < g_count && active[g1]) ++g1;
+      walk.Start(h, qb0, g_count);
+      while (walk.Next()) {
+        const int64_t width = walk.count() * bs;
+        // [width, d]
+        const float* v = StepRows(walk, args.v + bh * n * d, bs, d,
+                                  v_buf.data());
+        walk.ForEachRun([&](int64_t g0, int64_t g1) {
           const int64_t rows = (g1 - g0) * bs;
-          float* s_run = s.data();                     // [rows, bs]
-          float* acc_run = acc.data() + g0 * bs * d;   // [rows, d]
-          // Raw scores q.k; the scale (> 0) is applied inside the softmax.
-          Gemm<false>(rows, d, bs, q + g0 * bs * d, d, kt, bs, s_run, bs);
-          for (int64_t g = g0; g < g1; ++g) {
-            const int32_t mask = lay.mask_idx[cursor[g]];
-            if (TileNeedsMask(shape, mask)) {
-              MaskTile(shape, lay, b, h, kb, mask,
-                       s_run + (g - g0) * bs * bs);
-            }
-            ++cursor[g];
-          }
-          OnlineSoftmaxRows(rows, bs, d, shape.scale, s_run,
+          float* acc_run = acc.data() + g0 * bs * d;  // [rows, d]
+          // Raw scores q.k [rows, width]; the scale (> 0) is applied inside
+          // the softmax.
+          StepScores(shape, lay, walk, b, h, g0, g1, q + g0 * bs * d, kt,
+                     /*mask=*/true, s.data());
+          OnlineSoftmaxRows(rows, width, d, shape.scale, s.data(),
                             m.data() + g0 * bs, l.data() + g0 * bs, acc_run);
-          Gemm<true>(rows, bs, d, s_run, bs, v, d, acc_run, d);
-          g0 = g1;
-        }
+          Gemm<true>(rows, width, d, s.data(), width, v, d, acc_run, d);
+        });
       }
       float* out = args.out + (bh * n + qb0 * bs) * d;
       float* lse = args.lse + bh * n + qb0 * bs;
@@ -376,88 +494,86 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   const LayoutTables& lay = args.layout;
   const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
-  const int64_t G = GroupBlocks(bs);
-  const int64_t nnz = lay.col_ptr[H * nb];
+  const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
+  const int64_t groups = (nb + G - 1) / G;
+  const int64_t nnz = lay.row_ptr[H * nb];
   const int64_t cost =
       std::max<int64_t>(1, nnz / H) * bs * bs * (10 * d + 30);
   const float scale = shape.scale;
 
-  // Unit: (batch, head), so that dQ is accumulated by one thread. For each
-  // key block, the query blocks of its column are cut into runs of at most
-  // G consecutive blocks; a run is handled with tall GEMMs (rows = queries)
-  // for S, dP and dQ and long ones (depth = queries) for dK and dV.
+  // Unit: (batch, head), so that one thread owns the head's dK and dV. The
+  // walk is the forward's: per group of G query blocks, whose q, dO and dQ
+  // stay in cache, steps of key blocks; per step and run, S and dP are tall
+  // GEMMs (rows = queries), dK and dV of each key block long ones (depth =
+  // queries) and dQ one GEMM of depth `width`.
   parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end) {
-    // p: probabilities, then dp: dP and dS; both [rows, bs] = [query, key].
-    std::vector<float> p(G * bs * bs), dp(G * bs * bs);
-    std::vector<float> dk_acc(bs * d), dv_acc(bs * d);
+    TileWalk walk(lay, G, M);
+    // p: probabilities; dp: dP, then dS; both [rows, width] = [query, key].
+    std::vector<float> p(G * bs * M * bs), dp(G * bs * M * bs);
+    std::vector<float> k_buf(M * bs * d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      float* dq = args.dq + bh * n * d;
+      const float* kt = args.kt + bh * n * d;  // [nb, d, bs]
+      const float* vt = args.vt + bh * n * d;  // [nb, d, bs]
+      float* dq = args.dq + bh * n * d;        // [n, d]
+      float* dk = args.dk + bh * n * d;        // [n, d]
+      float* dv = args.dv + bh * n * d;        // [n, d]
       std::fill(dq, dq + n * d, 0.0f);
-      for (int64_t kb = 0; kb < nb; ++kb) {
-        const float* k = args.k + (bh * n + kb * bs) * d;       // [bs, d]
-        const float* kt = args.kt + (bh * nb + kb) * d * bs;    // [d, bs]
-        const float* vt = args.vt + (bh * nb + kb) * d * bs;    // [d, bs]
-        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-        const int32_t e_end = lay.col_ptr[h * nb + kb + 1];
-        for (int32_t e0 = lay.col_ptr[h * nb + kb]; e0 < e_end;) {
-          int32_t e1 = e0 + 1;
-          while (e1 < e_end && e1 - e0 < G &&
-                 lay.row_idx[e1] == lay.row_idx[e1 - 1] + 1) {
-            ++e1;
-          }
-          const int64_t rows = (e1 - e0) * bs;
-          const int64_t row0 = bh * n + lay.row_idx[e0] * bs;
-          const float* q = args.q + row0 * d;         // [rows, d]
-          const float* dout = args.dout + row0 * d;   // [rows, d]
-          const float* lse = args.lse + row0;         // [rows]
-          const float* delta = args.delta + row0;     // [rows]
-          Gemm<false>(rows, d, bs, q, d, kt, bs, p.data(), bs);  // raw S
-          for (int32_t e = e0; e < e1; ++e) {
-            const int32_t mask = lay.col_mask_idx[e];
-            if (TileNeedsMask(shape, mask)) {
-              MaskTile(shape, lay, b, h, kb, mask,
-                       p.data() + (e - e0) * bs * bs);
+      std::fill(dk, dk + n * d, 0.0f);
+      std::fill(dv, dv + n * d, 0.0f);
+      for (int64_t group = 0; group < groups; ++group) {
+        const int64_t qb0 = group * G;
+        const int64_t g_count = std::min(G, nb - qb0);
+        walk.Start(h, qb0, g_count);
+        while (walk.Next()) {
+          const int64_t width = walk.count() * bs;
+          // [width, d]
+          const float* k = StepRows(walk, args.k + bh * n * d, bs, d,
+                                    k_buf.data());
+          walk.ForEachRun([&](int64_t g0, int64_t g1) {
+            const int64_t rows = (g1 - g0) * bs;
+            const int64_t row0 = bh * n + (qb0 + g0) * bs;
+            const float* q = args.q + row0 * d;         // [rows, d]
+            const float* dout = args.dout + row0 * d;   // [rows, d]
+            const float* lse = args.lse + row0;         // [rows]
+            const float* delta = args.delta + row0;     // [rows]
+            StepScores(shape, lay, walk, b, h, g0, g1, q, kt, /*mask=*/true,
+                       p.data());
+            StepScores(shape, lay, walk, b, h, g0, g1, dout, vt,
+                       /*mask=*/false, dp.data());
+            for (int64_t i = 0; i < rows; ++i) {
+              // Rows with lse = -inf attended nothing: probability 0.
+              float* p_row = p.data() + i * width;
+              float* ds_row = dp.data() + i * width;
+              if (lse[i] == kNegInf) {
+                std::fill(p_row, p_row + width, 0.0f);
+                std::fill(ds_row, ds_row + width, 0.0f);
+                continue;
+              }
+              // dS = P (dP - delta), times the scale that S = scale q.k
+              // carries into dQ and dK.
+              const Vec shift = Broadcast(lse[i]);
+              const Vec delta_i = Broadcast(delta[i]);
+              for (int64_t j = 0; j < width; j += kLanes) {
+                const Vec p_j = ExpNonPositive(Load(p_row + j) * scale - shift);
+                Store(p_row + j, p_j);
+                Store(ds_row + j, p_j * scale * (Load(ds_row + j) - delta_i));
+              }
             }
-          }
-          for (int64_t i = 0; i < rows; ++i) {
-            // Rows with lse = -inf attended nothing: probability 0.
-            float* row = p.data() + i * bs;
-            if (lse[i] == kNegInf) {
-              std::fill(row, row + bs, 0.0f);
-              continue;
+            for (int64_t c = 0; c < walk.count(); ++c) {
+              const int64_t x = walk.key_block(c) * bs * d;
+              // dV += P^T dO and dK += dS^T Q.
+              Gemm<true, true>(bs, rows, d, p.data() + c * bs, width, dout, d,
+                               dv + x, d);
+              Gemm<true, true>(bs, rows, d, dp.data() + c * bs, width, q, d,
+                               dk + x, d);
             }
-            const Vec shift = Broadcast(lse[i]);
-            for (int64_t j = 0; j < bs; j += kLanes) {
-              Store(row + j, ExpNonPositive(Load(row + j) * scale - shift));
-            }
-          }
-          // dV += P^T dO.
-          Gemm<true, true>(bs, rows, d, p.data(), bs, dout, d, dv_acc.data(),
-                           d);
-          Gemm<false>(rows, d, bs, dout, d, vt, bs, dp.data(), bs);  // dP
-          for (int64_t i = 0; i < rows; ++i) {
-            const Vec delta_i = Broadcast(delta[i]);
-            for (int64_t j = 0; j < bs; j += kLanes) {
-              const int64_t x = i * bs + j;
-              Store(dp.data() + x,
-                    Load(p.data() + x) * (Load(dp.data() + x) - delta_i));
-            }
-          }
-          // dK += dS^T Q and dQ += dS K (both without the scale yet).
-          Gemm<true, true>(bs, rows, d, dp.data(), bs, q, d, dk_acc.data(), d);
-          Gemm<true>(rows, bs, d, dp.data(), bs, k, d, args.dq + row0 * d, d);
-          e0 = e1;
-        }
-        float* dk = args.dk + (bh * n + kb * bs) * d;
-        float* dv = args.dv + (bh * n + kb * bs) * d;
-        for (int64_t x = 0; x < bs * d; ++x) {
-          dk[x] = dk_acc[x] * scale;
-          dv[x] = dv_acc[x];
+            // dQ += dS K.
+            Gemm<true>(rows, width, d, dp.data(), width, k, d,
+                       dq + (qb0 + g0) * bs * d, d);
+          });
         }
       }
-      for (int64_t x = 0; x < n * d; ++x) dq[x] *= scale;
     }
   });
 }

@@ -7,8 +7,7 @@
 // Layout tables (see st_keras/layouts.py, `Component`): for head h and query
 // block r, tiles are entries row_ptr[h*nb + r] .. row_ptr[h*nb + r + 1] of
 // col_idx (key block) and mask_idx (-1: full tile, else a [bs, bs] uint8 mask
-// in `masks`, indexed [query][key]). The column-major copy (col_ptr, row_idx,
-// col_mask_idx) lists, for each key block, the query blocks that attend it.
+// in `masks`, indexed [query][key]), key blocks increasing.
 //
 // Shapes: q, k, v, out are [batch, heads, n, head_dim] row-major; lse is
 // [batch, heads, n]. "Tile-transposed" buffers hold, for every block of bs
@@ -35,9 +34,6 @@ struct LayoutTables {
   const int32_t* row_ptr = nullptr;       // [num_heads * nb + 1]
   const int32_t* col_idx = nullptr;       // [nnz]
   const int32_t* mask_idx = nullptr;      // [nnz]
-  const int32_t* col_ptr = nullptr;       // [num_heads * nb + 1]
-  const int32_t* row_idx = nullptr;       // [nnz]
-  const int32_t* col_mask_idx = nullptr;  // [nnz]
   const uint8_t* masks = nullptr;         // [num_masks, bs, bs]
 };
 
@@ -96,8 +92,8 @@ void RowDeltas(const float* dout, const float* out, const float* dlse,
 void BlockSparseAttentionForward(const ForwardArgs& args,
                                  const ParallelFor& parallel_for);
 
-// Gradients recomputing scores from q, k and the saved lse; walks the column
-// table, parallel over (batch, head).
+// Gradients recomputing scores from q, k and the saved lse; walks the tiles
+// in the forward's order, parallel over (batch, head).
 void BlockSparseAttentionBackward(const BackwardArgs& args,
                                   const ParallelFor& parallel_for);
 

@@ -35,8 +35,8 @@ absl::Status InvalidArg(const Args&... args) {
   };
 }
 
-// Checks one direction of the tile table: ptr [heads * nb + 1] nondecreasing
-// from 0 to nnz, idx in [0, nb), mask ids in [-1, num_masks).
+// Checks the tile table: ptr [heads * nb + 1] nondecreasing from 0 to nnz,
+// idx in [0, nb), mask ids in [-1, num_masks).
 absl::Status CheckTileTable(const char* ptr_name, const Tensor& ptr,
                       const char* idx_name, const Tensor& idx,
                       const char* mask_name, const Tensor& mask_idx,
@@ -81,7 +81,7 @@ absl::Status CheckTileTable(const char* ptr_name, const Tensor& ptr,
 }
 
 // Validated inputs common to both ops. `first_layout_input` is the index of
-// key_lengths; the eight layout inputs follow it.
+// key_lengths; the five other layout inputs follow it.
 struct Inputs {
   ::st_keras::AttentionShape shape;
   ::st_keras::LayoutTables layout;
@@ -108,7 +108,7 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input, float sca
   const int i0 = first_layout_input;
   const Tensor& key_lengths = ctx->input(i0);
   const Tensor& key_positions = ctx->input(i0 + 1);
-  const Tensor& masks = ctx->input(i0 + 8);
+  const Tensor& masks = ctx->input(i0 + 5);
   if (masks.dims() != 3 || masks.dim_size(1) != masks.dim_size(2) ||
       masks.dim_size(1) <= 0) {
     return InvalidArg(
@@ -143,15 +143,6 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input, float sca
   TF_RETURN_IF_ERROR(CheckTileTable(
       "row_ptr", ctx->input(i0 + 2), "col_idx", ctx->input(i0 + 3),
       "mask_idx", ctx->input(i0 + 4), H * nb, nb, M));
-  TF_RETURN_IF_ERROR(CheckTileTable(
-      "col_ptr", ctx->input(i0 + 5), "row_idx", ctx->input(i0 + 6),
-      "col_mask_idx", ctx->input(i0 + 7), H * nb, nb, M));
-  if (ctx->input(i0 + 3).NumElements() != ctx->input(i0 + 6).NumElements()) {
-    return InvalidArg(
-        "row and column tables disagree on the number of tiles: ",
-        ctx->input(i0 + 3).NumElements(), " vs ",
-        ctx->input(i0 + 6).NumElements());
-  }
 
   in->shape.batch = B;
   in->shape.heads = H;
@@ -171,9 +162,6 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input, float sca
   lay.row_ptr = ctx->input(i0 + 2).flat<int32_t>().data();
   lay.col_idx = ctx->input(i0 + 3).flat<int32_t>().data();
   lay.mask_idx = ctx->input(i0 + 4).flat<int32_t>().data();
-  lay.col_ptr = ctx->input(i0 + 5).flat<int32_t>().data();
-  lay.row_idx = ctx->input(i0 + 6).flat<int32_t>().data();
-  lay.col_mask_idx = ctx->input(i0 + 7).flat<int32_t>().data();
   lay.masks = masks.flat<uint8_t>().data();
   return absl::OkStatus();
 }

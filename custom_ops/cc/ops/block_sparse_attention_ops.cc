@@ -15,9 +15,6 @@ using shape_inference::ShapeHandle;
       .Input("row_ptr: int32")         \
       .Input("col_idx: int32")         \
       .Input("mask_idx: int32")        \
-      .Input("col_ptr: int32")         \
-      .Input("row_idx: int32")         \
-      .Input("col_mask_idx: int32")    \
       .Input("masks: uint8")
 
 REGISTER_OP("SparseTransformer>BlockSparseAttention")
@@ -47,7 +44,6 @@ key_lengths: [batch] keys at original positions >= key_lengths[b] are ignored,
 key_positions: [heads, n] original position of each (permuted) key, or empty
   for the identity.
 row_ptr, col_idx, mask_idx: row-major tile table of the layout.
-col_ptr, row_idx, col_mask_idx: the same tiles by key block (for the gradient).
 masks: [num_masks, block_size, block_size] token masks of partial tiles.
 out: [batch, heads, n, head_dim]; rows with no allowed key are zero.
 lse: [batch, heads, n] float32 log-sum-exp of each row's scores (-inf if none).

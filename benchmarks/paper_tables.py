@@ -9,10 +9,10 @@
 - Table 2, images: the same comparison on scikit-learn's handwritten digits,
   upsampled to 32x32 and written in the CIFAR-10 binary format by
   tools/digits_to_cifar.py (stride 96: one image row).
-- Table 3: held-out bits per byte of the fixed-pattern text model as the
-  evaluation context grows from 1/8 of the training context to all of it,
-  scoring only the last 1/8 of every window, so each context predicts the
-  same bytes.
+- Table 3: held-out bits per byte of a fixed-pattern text model (Table 2's
+  configuration, trained longer) as the evaluation context grows from 1/8 of
+  the training context to all of it, scoring only the last 1/8 of every
+  window, so each context predicts the same bytes.
 - Table 4: for contexts 2^12 .. 2^20, the largest model of a size ladder
   whose training step (recomputation on) fits the memory budget and a time
   budget, strided (l = sqrt(n)) and dense attention.
@@ -22,8 +22,12 @@ own process, with peak memory read from /proc. Children run with
 TF_ENABLE_ONEDNN_OPTS=1 (TensorFlow's oneDNN kernels; a Table 2 step took
 477 instead of 656 ms with them here) for every variant alike.
 
+A run of some of the tables (--tables) keeps the others' results from the
+output directory's results.json; each table records when it was run.
+
 Usage:
-  python benchmarks/paper_tables.py            # full: ~110 min, writes docs/
+  python benchmarks/paper_tables.py            # full: ~130 min, writes docs/
+  python benchmarks/paper_tables.py --tables text,table3
   python benchmarks/paper_tables.py --quick --output-dir /tmp/tables
 """
 
@@ -68,6 +72,7 @@ class Settings:
   eval_batches: int
   learning_rate: float
   warmup_steps: int
+  table3_steps: int         # training steps of the Table 3 model
   table3_segments: int
   image_limit: int | None
   table4_log2: tuple
@@ -79,14 +84,16 @@ class Settings:
 
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
                 steps=600, image_steps=600, eval_every=50, eval_batches=8,
-                learning_rate=1e-3, warmup_steps=60, table3_segments=1024,
+                learning_rate=1e-3, warmup_steps=60, table3_steps=2400,
+                table3_segments=1024,
                 image_limit=None, table4_log2=(12, 20),
                 table4_ladder=((2, 64), (2, 128), (4, 128), (8, 128),
                                (8, 256), (16, 256)),
                 table4_time_s=120.0, table4_last_s=900.0, text_path=None)
 QUICK = Settings(width=64, num_layers=2, num_heads=2, text_context=512,
                  steps=8, image_steps=4, eval_every=4, eval_batches=2,
-                 learning_rate=1e-3, warmup_steps=2, table3_segments=16,
+                 learning_rate=1e-3, warmup_steps=2, table3_steps=8,
+                 table3_segments=16,
                  image_limit=48, table4_log2=(10, 11),
                  table4_ladder=((1, 64), (2, 64)), table4_time_s=60.0,
                  table4_last_s=120.0,
@@ -242,6 +249,7 @@ def manifest_child(spec: dict) -> dict:
 
 
 CHILDREN = {"table3": table3_child, "manifest": manifest_child}
+TABLES = ("text", "table3", "images", "table4")  # --tables, in run order
 
 
 # ----------------------------------------------------------------------------
@@ -282,16 +290,30 @@ def table2(s: Settings, kind: str, root: str, path: str | None = None,
   return runs
 
 
-def table3(s: Settings, fixed_run: dict) -> dict:
-  """Table 3 for the fixed-pattern text model (a `train_run` result)."""
+def table3(s: Settings, root: str, path: str | None = None) -> dict:
+  """Trains the Table 3 model and scores it at growing contexts.
+
+  The model is Table 2's fixed-pattern text model trained for
+  s.table3_steps steps: using long context is learned late, after the
+  short-range statistics that Table 2's equal-step comparison measures.
+
+  Returns:
+    The table3 child's result plus contexts, scored, training_context and
+    'run' (the `train_run` result).
+  """
   n, k = s.text_context, s.text_context // 8
+  config = base_config(s, "text", n, s.table3_steps)
+  config["model"].update(pattern_model("fixed", 128))
+  if path:
+    config["data"]["path"] = path
+  run = train_run("text_fixed_table3", config, root)
   contexts = [k * m for m in (1, 2, 3, 4, 6, 8)]
   print("[tables] table 3 ...", flush=True)
   result = python_child("table3", {
-      "run": fixed_run["output_dir"],
+      "run": run["output_dir"],
       "contexts": contexts, "scored": k, "segments": s.table3_segments,
       "batch": 4})
-  result.update(contexts=contexts, scored=k, training_context=n)
+  result.update(contexts=contexts, scored=k, training_context=n, run=run)
   return result
 
 
@@ -476,8 +498,11 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
   """docs/RESULTS.md."""
   lines = ["# The paper's tables in miniature", "",
            "Produced by `benchmarks/paper_tables.py`; do not edit by hand.", "",
-           f"- Command: `{meta['command']}`",
-           f"- Date: {meta['date']}; wall time {meta['minutes']:.0f} min",
+           f"- Command: `{meta['command']}` (a table at a time: "
+           f"`--tables NAME`)",
+           "- Run: " + "; ".join(
+               f"{name} {r['date']} ({r['minutes']:.0f} min)"
+               for name, r in sections["runs"].items()),
            f"- Machine: {meta['machine']}",
            "- TensorFlow children run with TF_ENABLE_ONEDNN_OPTS=1 for every "
            "variant; time per step is the trainer's mean over all steps but "
@@ -522,8 +547,10 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     t3 = sections["table3"]
     bits = [t3["bits"][str(c)] for c in t3["contexts"]]
     lines += ["## Table 3: held-out bits per byte vs evaluation context", "",
-              f"The fixed-pattern text model of Table 2 (training context "
-              f"{t3['training_context']}). Each of {t3['scored_bytes']:,} "
+              f"A fixed-pattern text model of Table 2's configuration "
+              f"(training context {t3['training_context']}) trained for "
+              f"{t3['run']['steps']} steps, to {t3['run']['bits']:.4f} "
+              f"held-out bits per byte. Each of {t3['scored_bytes']:,} "
               f"held-out bytes is predicted once per context: a window of c "
               f"bytes ends just before it and only the last "
               f"{t3['scored']} positions of each window are scored.", "",
@@ -585,9 +612,10 @@ def main(argv=None) -> int:
   parser.add_argument("--runs-dir", help="training runs (default: "
                       "<output-dir>/runs with --quick, runs/paper_tables "
                       "otherwise)")
-  parser.add_argument("--tables", default="text,images,table3,table4",
-                      help="comma-separated subset of text, images, table3 "
-                      "(needs text), table4")
+  parser.add_argument("--tables", default=",".join(TABLES),
+                      help="comma-separated subset of "
+                      f"{','.join(TABLES)}; the others keep their results "
+                      "from the output directory's results.json")
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -595,65 +623,79 @@ def main(argv=None) -> int:
   if args.quick and not args.output_dir:
     parser.error("--quick needs --output-dir (it must not overwrite docs/)")
   tables = set(args.tables.split(","))
-  unknown = tables - {"text", "images", "table3", "table4"}
-  if unknown or ("table3" in tables and "text" not in tables):
-    parser.error(f"--tables: unknown {sorted(unknown)} or table3 without "
-                 f"text")
+  unknown = tables - set(TABLES)
+  if unknown:
+    parser.error(f"--tables: unknown {sorted(unknown)}; choose from "
+                 f"{','.join(TABLES)}")
   s = QUICK if args.quick else FULL
   out = os.path.abspath(args.output_dir or os.path.join(REPO_ROOT, "docs"))
   runs_root = os.path.abspath(args.runs_dir or (
       os.path.join(out, "runs") if args.quick else
       os.path.join(REPO_ROOT, "runs", "paper_tables")))
   os.makedirs(out, exist_ok=True)
-  start = time.monotonic()
-  sections, plots = {}, {}
+  results_path = os.path.join(out, "results.json")
+  sections = {}
+  if tables != set(TABLES) and os.path.exists(results_path):
+    with open(results_path) as f:
+      sections = json.load(f)  # the tables not run now keep their results
+  sections.setdefault("runs", {})
+  plots = {}
   manifest = "results_stdlib_manifest.json"
-  if "text" in tables:
-    sections["manifest"] = python_child(
-        "manifest", {"path": os.path.join(out, manifest)})
-    sections["text"] = table2(s, "text", runs_root, path=s.text_path)
-    plots["text"] = plot_curves(
-        os.path.join(out, "results_table2_text.png"), sections["text"],
-        "Table 2 in miniature: Python stdlib text", "bits per byte")
-    enwik8 = os.environ.get("ST_ENWIK8")
-    if enwik8:
-      sections["enwik8"] = table2(s, "enwik8", runs_root, path=enwik8)
-      plots["enwik8"] = plot_curves(
-          os.path.join(out, "results_table2_enwik8.png"), sections["enwik8"],
-          "Table 2 in miniature: enwik8", "bits per byte")
-  if "table3" in tables:
-    sections["table3"] = table3(s, sections["text"]["fixed"])
+  for table in TABLES:
+    if table not in tables:
+      continue
+    start = time.monotonic()
+    if table == "text":
+      sections["manifest"] = python_child(
+          "manifest", {"path": os.path.join(out, manifest)})
+      sections["text"] = table2(s, "text", runs_root, path=s.text_path)
+      enwik8 = os.environ.get("ST_ENWIK8")
+      if enwik8:
+        sections["enwik8"] = table2(s, "enwik8", runs_root, path=enwik8)
+      else:
+        sections.pop("enwik8", None)
+    elif table == "table3":
+      sections["table3"] = table3(s, runs_root, path=s.text_path)
+    elif table == "images":
+      digits = os.path.join(runs_root, "digits-cifar")
+      limit = ["--limit", str(s.image_limit), "--test", "16"] if (
+          s.image_limit) else []
+      run_process([sys.executable, os.path.join(REPO_ROOT, "tools",
+                                                "digits_to_cifar.py"),
+                   "--output", digits] + limit, timeout_s=600)
+      sections["images"] = table2(s, "cifar10", runs_root, path=digits,
+                                  stride=96)
+    else:
+      sections["table4"] = table4(s)
+    sections["runs"][table] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "minutes": (time.monotonic() - start) / 60}
+  # Plots are drawn from the results, so kept tables keep theirs too.
+  for name, title, unit in (
+      ("text", "Python stdlib text", "bits per byte"),
+      ("enwik8", "enwik8", "bits per byte"),
+      ("images", "digits as CIFAR-10 records", "bits per dim")):
+    if name in sections:
+      plots[name] = plot_curves(
+          os.path.join(out, f"results_table2_{name}.png"), sections[name],
+          f"Table 2 in miniature: {title}", unit)
+  if "table3" in sections:
     plots["table3"] = plot_table3(os.path.join(out, "results_table3.png"),
                                   sections["table3"])
-  if "images" in tables:
-    digits = os.path.join(runs_root, "digits-cifar")
-    limit = ["--limit", str(s.image_limit), "--test", "16"] if (
-        s.image_limit) else []
-    run_process([sys.executable, os.path.join(REPO_ROOT, "tools",
-                                              "digits_to_cifar.py"),
-                 "--output", digits] + limit, timeout_s=600)
-    sections["images"] = table2(s, "cifar10", runs_root, path=digits,
-                                stride=96)
-    plots["images"] = plot_curves(
-        os.path.join(out, "results_table2_images.png"), sections["images"],
-        "Table 2 in miniature: digits as CIFAR-10 records", "bits per dim")
-  if "table4" in tables:
-    sections["table4"] = table4(s)
+  if "table4" in sections:
     plots["table4"] = plot_table4(os.path.join(out, "results_table4.png"),
                                   sections["table4"])
   # Markdown links are relative to RESULTS.md.
   plots = {k: os.path.basename(v) for k, v in plots.items()}
   meta = {"command": "PYTHONPATH=. .venv/bin/python benchmarks/"
                      "paper_tables.py" + (" --quick" if args.quick else ""),
-          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-          "minutes": (time.monotonic() - start) / 60,
           "machine": machine_description(), "manifest": manifest,
           "ladder": ", ".join(f"{l} x {w}" for l, w in s.table4_ladder),
           "time_s": s.table4_time_s, "last_s": s.table4_last_s}
   text = render(meta, sections, plots)
   with open(os.path.join(out, "RESULTS.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(out, "results.json"), "w") as f:
+  with open(results_path, "w") as f:
     json.dump(sections, f, indent=1, default=str)
   print(text)
   return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -161,6 +162,23 @@ def _interrupt_on_sigterm():
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+  """Keeps the objects alive now out of the garbage collector's passes.
+
+  TensorFlow and Keras hold millions of long-lived Python objects; a full
+  collection walks all of them and, during `fit`, lands inside whichever
+  training step triggers it. Freezing them (after one collection) leaves
+  the passes only the objects made while training.
+  """
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
 
 
 def worker_dir(output_dir: str, strategy) -> str:
@@ -318,7 +336,7 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:
     # One fit call; an "epoch" is one checkpoint interval.
-    with _interrupt_on_sigterm():
+    with _interrupt_on_sigterm(), _frozen_heap():
       try:
         model.fit(train_ds, initial_epoch=resumed_from // every,
                   epochs=resumed_from // every + math.ceil(

@@ -304,6 +304,10 @@ def table3(s: Settings, root: str, path: str | None = None) -> dict:
   n, k = s.text_context, s.text_context // 8
   config = base_config(s, "text", n, s.table3_steps)
   config["model"].update(pattern_model("fixed", 128))
+  # Its learning curve is not plotted: a few checkpoints suffice, and each
+  # costs an evaluation and a slow first step of the next interval.
+  config["train"]["checkpoint_every"] = max(s.eval_every,
+                                            s.table3_steps // 12)
   if path:
     config["data"]["path"] = path
   run = train_run("text_fixed_table3", config, root)

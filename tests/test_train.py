@@ -171,6 +171,22 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+def test_strategy_choice(monkeypatch):
+  import tensorflow as tf
+  from st_keras import train
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  assert not tf.config.list_logical_devices("GPU")  # this suite runs on CPU
+  # One device: the default strategy, no mirroring.
+  assert train.make_strategy("auto") is tf.distribute.get_strategy()
+  assert train.make_strategy("none") is tf.distribute.get_strategy()
+  assert isinstance(train.make_strategy("mirrored"),
+                    tf.distribute.MirroredStrategy)
+  with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+    train.make_strategy("multi_worker")
+  with pytest.raises(ValueError, match="unknown strategy 'ring'"):
+    train.make_strategy("ring")
+
+
 def test_mirrored_two_devices_match_one(tmp_path):
   result = subprocess.run([sys.executable, "-c", MIRRORED], cwd=REPO,
                           capture_output=True, text=True, timeout=600)

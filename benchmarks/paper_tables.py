@@ -582,7 +582,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               "", "| n | strided model | params | s / step | peak MiB | "
               "dense model | params | s / step | peak MiB |",
               "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
-    for n, row in sorted(t4["rows"].items()):
+    # Keys are ints when just measured, strings when read from results.json.
+    for n, row in sorted((int(n), row) for n, row in t4["rows"].items()):
       cells = []
       for pattern in ("strided", "dense"):
         r = row.get(pattern)

@@ -156,7 +156,8 @@ def train_run(name: str, config: dict, root: str) -> dict:
     root: directory of the runs; an earlier run of that name is replaced.
 
   Returns:
-    {'bits', 'ms_per_step', 'peak_mib', 'curve': [(step, valid bits)],
+    {'bits', 'ms_per_step' (mean), 'median_ms_per_step', 'peak_mib',
+     'curve': [(step, valid bits)],
      'train_curve': [(step, train bits)], 'params', 'output_dir'}.
   """
   out_dir = os.path.join(root, name)
@@ -184,11 +185,13 @@ def train_run(name: str, config: dict, root: str) -> dict:
   tokens = config["data"]["batch_size"] * config["data"]["context"]
   result = {"bits": summary["valid_bits_per_byte"],
             "ms_per_step": 1e3 * tokens / summary["tokens_per_second"],
+            "median_ms_per_step": summary["median_step_ms"],
             "peak_mib": run["peak_bytes"] / MIB, "curve": curve,
             "train_curve": train_curve, "output_dir": out_dir,
             "wall_s": run["seconds"], "steps": summary["steps"]}
   print(f"[tables] {name}: {result['bits']:.4f} bits, "
-        f"{result['ms_per_step']:.0f} ms/step, {result['peak_mib']:.0f} MiB",
+        f"{step_ms(result):.0f} ms/step (median; mean "
+        f"{result['ms_per_step']:.0f}), {result['peak_mib']:.0f} MiB",
         flush=True)
   return result
 
@@ -468,6 +471,12 @@ def seconds(value: float) -> str:
   return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def step_ms(run: dict) -> float:
+  """A Table 2 run's median time per step (its mean for results of runs
+  made before the median was recorded)."""
+  return run.get("median_ms_per_step", run["ms_per_step"])
+
+
 def is_monotone(values: list) -> bool:
   """Whether values never increase."""
   return all(b <= a for a, b in zip(values, values[1:]))
@@ -487,12 +496,16 @@ def table2_markdown(title: str, runs: dict, unit: str, plot: str,
            f"steps, cosine decay), seed {train['seed']}, float32, no "
            f"dropout. Patterns: block 32, merged heads, stride "
            f"{runs['stride']}, summary c=32 for fixed.", "",
-           f"| attention | held-out {unit} | ms / step | dense / this "
-           f"(time) | peak MiB |", "|---|---:|---:|---:|---:|"]
+           f"| attention | held-out {unit} | ms / step, median | mean | "
+           f"dense / this (time) | peak MiB |",
+           "|---|---:|---:|---:|---:|---:|"]
   for pattern in PATTERNS:
     r = runs[pattern]
-    lines.append(f"| {pattern} | {r['bits']:.4f} | {r['ms_per_step']:,.0f} "
-                 f"| {dense['ms_per_step'] / r['ms_per_step']:.2f} | "
+    median = (f"{r['median_ms_per_step']:,.0f}"
+              if "median_ms_per_step" in r else "not recorded")
+    lines.append(f"| {pattern} | {r['bits']:.4f} | {median} | "
+                 f"{r['ms_per_step']:,.0f} | "
+                 f"{step_ms(dense) / step_ms(r):.2f} | "
                  f"{r['peak_mib']:,.0f} |")
   lines += ["", f"![learning curves]({plot})", "", paper, ""]
   return lines
@@ -509,8 +522,10 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                for name, r in sections["runs"].items()),
            f"- Machine: {meta['machine']}",
            "- TensorFlow children run with TF_ENABLE_ONEDNN_OPTS=1 for every "
-           "variant; time per step is the trainer's mean over all steps but "
-           "the first of each checkpoint interval; peak memory is the "
+           "variant; time per step is the trainer's median (and mean) over "
+           "all steps but the first of each checkpoint interval (the median "
+           "is not moved by the stalls of this shared VM; runs made before "
+           "it was recorded compare means); peak memory is the "
            "training process's peak resident set (VmHWM), evaluation "
            "included.", ""]
   if "manifest" in sections:
@@ -524,7 +539,7 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
   lines += ["## Table 2: dense vs sparse attention at equal steps", ""]
   if "text" in sections:
     t = sections["text"]
-    ratio = t["dense"]["ms_per_step"] / t["fixed"]["ms_per_step"]
+    ratio = step_ms(t["dense"]) / step_ms(t["fixed"])
     gap = t["fixed"]["bits"] - t["dense"]["bits"]
     lines += table2_markdown(
         "Text: Python standard library", t, "bits per byte", plots["text"],
@@ -607,6 +622,14 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
   return "\n".join(lines)
 
 
+def write_results(path: str, sections: dict):
+  """Writes results.json through a temporary file, so an interrupted
+  write leaves the previous one whole."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(sections, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -675,6 +698,7 @@ def main(argv=None) -> int:
     sections["runs"][table] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "minutes": (time.monotonic() - start) / 60}
+    write_results(results_path, sections)  # a later failure keeps this one
   # Plots are drawn from the results, so kept tables keep theirs too.
   for name, title, unit in (
       ("text", "Python stdlib text", "bits per byte"),
@@ -700,8 +724,6 @@ def main(argv=None) -> int:
   text = render(meta, sections, plots)
   with open(os.path.join(out, "RESULTS.md"), "w") as f:
     f.write(text)
-  with open(results_path, "w") as f:
-    json.dump(sections, f, indent=1, default=str)
   print(text)
   return 0
 

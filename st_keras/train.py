@@ -240,7 +240,7 @@ class StepCheckpointer(keras.callbacks.Callback):
     self.last = last
     self.tokens_per_step = tokens_per_step
     self.log_every = log_every
-    self.timed_steps, self.seconds, self._start = 0, 0.0, None
+    self.step_seconds, self._start = [], None
 
   def save(self) -> int:
     """Writes a checkpoint at the current step and returns the step."""
@@ -254,8 +254,7 @@ class StepCheckpointer(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     step = int(self.model.optimizer.iterations.numpy())
     if batch > 0:  # the first step of an epoch includes tracing/warm-up
-      self.timed_steps += 1
-      self.seconds += time.perf_counter() - self._start
+      self.step_seconds.append(time.perf_counter() - self._start)
     if self.log_every and step % self.log_every == 0:
       LOG.info("step %d: loss %.4f", step, (logs or {}).get("loss", math.nan))
     if step >= self.last:
@@ -266,9 +265,17 @@ class StepCheckpointer(keras.callbacks.Callback):
 
   def tokens_per_second(self) -> float:
     """Training throughput over the timed steps (NaN if none)."""
-    if not self.timed_steps:
+    if not self.step_seconds:
       return math.nan
-    return self.timed_steps * self.tokens_per_step / self.seconds
+    return len(self.step_seconds) * self.tokens_per_step / sum(
+        self.step_seconds)
+
+  def median_step_ms(self) -> float:
+    """The median time of the timed steps in ms (NaN if none): unlike the
+    mean, it is not moved by the stalls of a shared machine."""
+    if not self.step_seconds:
+      return math.nan
+    return 1e3 * float(np.median(self.step_seconds))
 
 
 def write_text_sample(model, valid: np.ndarray, length: int, seed: int,
@@ -297,8 +304,9 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
       invocation; a later call with the same config continues the run.
 
   Returns:
-    A summary dict: steps, valid_bits_per_byte, tokens_per_second,
-    output_dir, resumed_from.
+    A summary dict: steps, valid_bits_per_byte, tokens_per_second (over
+    the timed steps: all but the first of each checkpoint interval),
+    median_step_ms (of the same steps), output_dir, resumed_from, sample.
   """
   keras.mixed_precision.set_global_policy(cfg.train.precision)
   keras.utils.set_random_seed(cfg.train.seed)
@@ -369,6 +377,7 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
                       cfg.train.seed, sample_path)
   summary = {"steps": step, "valid_bits_per_byte": bits,
              "tokens_per_second": checkpointer.tokens_per_second(),
+             "median_step_ms": checkpointer.median_step_ms(),
              "output_dir": out_dir,
              "resumed_from": resumed_from, "sample": sample_path}
   with open(os.path.join(out_dir, "summary.json"), "w") as f:

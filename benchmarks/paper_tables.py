@@ -190,7 +190,7 @@ def train_run(name: str, config: dict, root: str) -> dict:
             "train_curve": train_curve, "output_dir": out_dir,
             "wall_s": run["seconds"], "steps": summary["steps"]}
   print(f"[tables] {name}: {result['bits']:.4f} bits, "
-        f"{step_ms(result):.0f} ms/step (median; mean "
+        f"{result['median_ms_per_step']:.0f} ms/step (median; mean "
         f"{result['ms_per_step']:.0f}), {result['peak_mib']:.0f} MiB",
         flush=True)
   return result
@@ -471,12 +471,6 @@ def seconds(value: float) -> str:
   return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def step_ms(run: dict) -> float:
-  """A Table 2 run's median time per step (its mean for results of runs
-  made before the median was recorded)."""
-  return run.get("median_ms_per_step", run["ms_per_step"])
-
-
 def is_monotone(values: list) -> bool:
   """Whether values never increase."""
   return all(b <= a for a, b in zip(values, values[1:]))
@@ -497,15 +491,14 @@ def table2_markdown(title: str, runs: dict, unit: str, plot: str,
            f"dropout. Patterns: block 32, merged heads, stride "
            f"{runs['stride']}, summary c=32 for fixed.", "",
            f"| attention | held-out {unit} | ms / step, median | mean | "
-           f"dense / this (time) | peak MiB |",
+           f"dense / this (median) | peak MiB |",
            "|---|---:|---:|---:|---:|---:|"]
   for pattern in PATTERNS:
     r = runs[pattern]
-    median = (f"{r['median_ms_per_step']:,.0f}"
-              if "median_ms_per_step" in r else "not recorded")
-    lines.append(f"| {pattern} | {r['bits']:.4f} | {median} | "
+    median = r["median_ms_per_step"]
+    lines.append(f"| {pattern} | {r['bits']:.4f} | {median:,.0f} | "
                  f"{r['ms_per_step']:,.0f} | "
-                 f"{step_ms(dense) / step_ms(r):.2f} | "
+                 f"{dense['median_ms_per_step'] / median:.2f} | "
                  f"{r['peak_mib']:,.0f} |")
   lines += ["", f"![learning curves]({plot})", "", paper, ""]
   return lines
@@ -524,8 +517,7 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
            "- TensorFlow children run with TF_ENABLE_ONEDNN_OPTS=1 for every "
            "variant; time per step is the trainer's median (and mean) over "
            "all steps but the first of each checkpoint interval (the median "
-           "is not moved by the stalls of this shared VM; runs made before "
-           "it was recorded compare means); peak memory is the "
+           "is not moved by the stalls of this shared VM); peak memory is the "
            "training process's peak resident set (VmHWM), evaluation "
            "included.", ""]
   if "manifest" in sections:
@@ -539,7 +531,7 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
   lines += ["## Table 2: dense vs sparse attention at equal steps", ""]
   if "text" in sections:
     t = sections["text"]
-    ratio = step_ms(t["dense"]) / step_ms(t["fixed"])
+    ratio = t["dense"]["median_ms_per_step"] / t["fixed"]["median_ms_per_step"]
     gap = t["fixed"]["bits"] - t["dense"]["bits"]
     lines += table2_markdown(
         "Text: Python standard library", t, "bits per byte", plots["text"],

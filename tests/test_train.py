@@ -99,8 +99,8 @@ def test_resume_continues_exactly(tmp_path, corpus):
   np.testing.assert_allclose(second["valid_bits_per_byte"],
                              whole["valid_bits_per_byte"], rtol=1e-5)
   assert np.isfinite(whole["tokens_per_second"])
-  # Two timed steps (4 and 2: the first of each 2-step interval is not
-  # timed), so their median is their mean, which tokens_per_second gives.
+  # Two timed steps (2 and 4; the first step of each 2-step interval is
+  # not timed), so their median is their mean, which tokens_per_second gives.
   mean_ms = 1e3 * 64 * 4 / whole["tokens_per_second"]
   np.testing.assert_allclose(whole["median_step_ms"], mean_ms, rtol=1e-6)
   # history.csv: a row per checkpoint interval with its end step, appended

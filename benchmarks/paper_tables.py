@@ -85,11 +85,11 @@ class Settings:
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
                 steps=600, image_steps=600, eval_every=50, eval_batches=8,
                 learning_rate=1e-3, warmup_steps=60, table3_steps=2400,
-                table3_segments=1024,
+                table3_segments=512,
                 image_limit=None, table4_log2=(12, 20),
                 table4_ladder=((2, 64), (2, 128), (4, 128), (8, 128),
                                (8, 256), (16, 256)),
-                table4_time_s=120.0, table4_last_s=900.0, text_path=None)
+                table4_time_s=60.0, table4_last_s=900.0, text_path=None)
 QUICK = Settings(width=64, num_layers=2, num_heads=2, text_context=512,
                  steps=8, image_steps=4, eval_every=4, eval_batches=2,
                  learning_rate=1e-3, warmup_steps=2, table3_steps=8,

@@ -121,9 +121,9 @@ def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
     if context != length:
       raise ValueError(f"data.context must be the image length {length} "
                        f"for {cfg.data.kind}, got {context}")
-    # Shuffled epochs cannot be resumed mid-way by index: skip batches.
     train = data_lib.sequence_batches(arrays["train"], global_batch,
-                                      seed=seed).skip(start_step)
+                                      seed=seed,
+                                      start=start_step * global_batch)
     valid = data_lib.sequence_batches(arrays["valid"], global_batch)
   else:
     train = data_lib.training_windows(arrays["train"], context, global_batch,

@@ -48,6 +48,8 @@ def training_windows(data: np.ndarray, context: int, batch_size: int,
     targets are the inputs shifted by one byte.
   """
   data = _check(data, context, batch_size, "data")
+  if start < 0:
+    raise ValueError(f"start must be >= 0, got {start}")
   tokens = tf.constant(data)
   max_offset = data.size - context  # offsets in [0, max_offset)
 
@@ -91,18 +93,25 @@ def evaluation_windows(data: np.ndarray, context: int,
 
 
 def sequence_batches(sequences: np.ndarray, batch_size: int,
-                     seed: int | None = None) -> tf.data.Dataset:
+                     seed: int | None = None,
+                     start: int = 0) -> tf.data.Dataset:
   """Batches of whole fixed-length sequences (images), shifted right.
 
   The inputs are the sequence shifted right by one with a zero start byte,
   the targets the sequence itself, so every byte is predicted (bits per
   dim over all of them).
 
+  With a seed, epoch e is the permutation of the sequences drawn
+  statelessly from (seed, e), so example i of the stream is a pure function
+  of (seed, i): the stream resumes exactly at any example index `start`,
+  whatever the strategy or the host.
+
   Args:
     sequences: [N, length] uint8.
     batch_size: examples per batch.
     seed: None for one pass in order (evaluation); else an endless stream
       reshuffled each epoch from this seed (training).
+    start: with a seed, the index of the first example (for resuming).
 
   Returns:
     A dataset of (inputs, targets), (batch, length) int32.
@@ -114,15 +123,26 @@ def sequence_batches(sequences: np.ndarray, batch_size: int,
                      f"array, got {sequences.dtype} {sequences.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if start < 0:
+    raise ValueError(f"start must be >= 0, got {start}")
 
   def shift(sequence):
     sequence = tf.cast(sequence, tf.int32)
     return tf.concat([[0], sequence[:-1]], 0), sequence
 
-  ds = tf.data.Dataset.from_tensor_slices(sequences)
-  if seed is not None:
-    ds = ds.shuffle(len(sequences), seed=seed,
-                    reshuffle_each_iteration=True).repeat()
+  if seed is None:
+    ds = tf.data.Dataset.from_tensor_slices(sequences)
+  else:
+    table, count = tf.constant(sequences), len(sequences)
+
+    def epoch_order(epoch):
+      keys = tf.random.stateless_uniform(
+          [count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      return tf.data.Dataset.from_tensor_slices(tf.argsort(keys))  # (N,)
+
+    ds = (tf.data.Dataset.range(start // count, np.iinfo(np.int64).max)
+          .flat_map(epoch_order).skip(start % count)
+          .map(lambda index: tf.gather(table, index)))  # (length,)
   ds = ds.map(shift, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   return ds.batch(batch_size, drop_remainder=seed is not None).prefetch(

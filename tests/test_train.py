@@ -255,15 +255,24 @@ def test_train_on_cifar10_files(tmp_path):
                     integration="interleaved", stride=96, block_size=32),
       "data": dict(kind="cifar10", path=str(tmp_path), context=3072,
                    batch_size=2),
-      "train": dict(steps=2, warmup_steps=1, checkpoint_every=2,
+      "train": dict(steps=3, warmup_steps=1, checkpoint_every=2,
                     eval_batches=1, output_dir=str(tmp_path / "run")),
   }
   cfg = config_lib.from_dict(raw)
   model = train.build_model(cfg)
   assert model.embedding_axes == (32, 32, 3)
   summary = train.train(cfg)
-  assert summary["steps"] == 2 and summary["sample"] is None
+  assert summary["steps"] == 3 and summary["sample"] is None
   assert 6.0 < summary["valid_bits_per_byte"] < 10.0
+  # Stopped after step 1 (mid-epoch: 2 of 4 images seen) and resumed, the
+  # run sees the same images in the same order as the straight one.
+  raw["train"]["output_dir"] = str(tmp_path / "split")
+  split = config_lib.from_dict(raw)
+  assert train.train(split, stop_after=1)["steps"] == 1
+  resumed = train.train(split)
+  assert resumed["resumed_from"] == 1 and resumed["steps"] == 3
+  np.testing.assert_allclose(resumed["valid_bits_per_byte"],
+                             summary["valid_bits_per_byte"], rtol=1e-5)
   raw["data"]["context"] = 1024
   with pytest.raises(ValueError, match="image length 3072"):
     train.train(config_lib.from_dict(raw))

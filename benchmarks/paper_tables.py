@@ -196,6 +196,26 @@ def train_run(name: str, config: dict, root: str) -> dict:
   return result
 
 
+def load_text_run(run_dir: str) -> tuple:
+  """A trained text run's model and held-out bytes.
+
+  Args:
+    run_dir: an output directory of `st_keras.train` (model.keras and
+      config.json).
+
+  Returns:
+    (the SparseTransformer, its held-out bytes as a 1-D uint8 array).
+  """
+  import keras
+  from st_keras import config as config_lib
+  from st_keras import models  # noqa: F401  (registers the classes)
+  from st_keras import train
+  model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+  with open(os.path.join(run_dir, "config.json")) as f:
+    valid = train.load_data(config_lib.from_dict(json.load(f)).data)["valid"]
+  return model, valid
+
+
 def table3_child(spec: dict) -> dict:
   """Bits per byte of the last positions of windows of growing context.
 
@@ -203,15 +223,9 @@ def table3_child(spec: dict) -> dict:
   [e-c-1, e-1) and is scored on its predictions of bytes [e-k, e), k =
   spec['scored']: the same bytes for every c.
   """
-  import keras
   import numpy as np
   import tensorflow as tf
-  from st_keras import config as config_lib
-  from st_keras import models  # noqa: F401  (registers the classes)
-  from st_keras import train
-  model = keras.models.load_model(os.path.join(spec["run"], "model.keras"))
-  with open(os.path.join(spec["run"], "config.json")) as f:
-    valid = train.load_data(config_lib.from_dict(json.load(f)).data)["valid"]
+  model, valid = load_text_run(spec["run"])
   full, k = model.seq_len, spec["scored"]
   ends = np.linspace(full + 1, valid.size, spec["segments"]).astype(np.int64)
   results = {}

@@ -174,6 +174,42 @@ def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
   assert all(f"{name} " in markdown for name in results["runs"])
 
 
+def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
+                                                      tmp_path):
+  _, results, _ = quick_tables
+  fixed = results["table3"]["run"]["output_dir"]
+  dense = os.path.join(os.path.dirname(fixed), "text_dense")
+  script = os.path.join(REPO, "benchmarks", "context_use.py")
+
+  def run(*args):
+    return subprocess.run(
+        [sys.executable, script, fixed, dense, "--output",
+         str(tmp_path / "B.md")] + list(args), capture_output=True,
+        text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO))
+
+  result = run("--segments", "16", "--windows", "6", "--band", "128")
+  assert result.returncode == 0, result.stderr[-3000:]
+  markdown = (tmp_path / "B.md").read_text()
+  assert "text_fixed_table3 (fixed, 8 steps) | text_dense (dense, 8 steps)" \
+      in markdown
+  rows = {line.split(" | ")[0]: line.strip(" |").split(" | ")[1:]
+          for line in markdown.splitlines() if line.startswith("| ")}
+  # The sweep of the Table 3 run is Table 3 (16 segments in --quick).
+  for c in results["table3"]["contexts"]:
+    assert rows[f"| {c:,}"][0] == f"{results['table3']['bits'][str(c)]:.4f}"
+  # Four bands of 128 positions of the 512-byte windows, two runs each.
+  bands = [rows[f"| {b * 128}-{b * 128 + 127}"] for b in range(4)]
+  assert all(len(r) == 2 and all(0 < float(v) < 8 for v in r)
+             for r in bands)
+  bad = run("--band", "100")
+  assert bad.returncode == 2
+  assert "--band must divide the training context 512" in bad.stderr
+  missing = subprocess.run([sys.executable, script, str(tmp_path)],
+                           capture_output=True, text=True, cwd=REPO)
+  assert missing.returncode == 2 and "no model.keras" in missing.stderr
+
+
 def test_tables_argument_errors():
   script = os.path.join(REPO, "benchmarks", "paper_tables.py")
   for args, message in ((["--quick"], "--quick needs --output-dir"),

@@ -1,0 +1,178 @@
+"""Does a trained byte model use its context? Held-out bits by position.
+
+For each trained text run (an output directory of `st_keras.train`), two
+measurements on the run's held-out bytes:
+
+1. the Table 3 sweep of benchmarks/paper_tables.py: the same bytes scored
+   with contexts from 1/8 of the training context to all of it;
+2. the position profile: mean bits per byte over bands of positions of
+   whole training-length windows, the same windows for every run. A model
+   that uses long context predicts later positions better; one that does
+   not is flat after the first band, and its profile follows the content of
+   the windows, so models that differ only in attention have alike profiles.
+
+Usage:
+  python benchmarks/context_use.py RUN [RUN ...] [--segments 256]
+      [--windows 256] [--band 512] [--output BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import paper_tables  # noqa: E402
+from benchmarks.attention import machine_description  # noqa: E402
+from benchmarks.attention import write_section  # noqa: E402
+
+SECTION_BEGIN = "<!-- context_use:begin -->"
+SECTION_END = "<!-- context_use:end -->"
+BATCH = 4
+
+
+def position_profile(run_dir: str, windows: int, band: int) -> list:
+  """Mean held-out bits per byte over bands of window positions.
+
+  Args:
+    run_dir: a trained text run.
+    windows: how many windows of the training context, spread evenly over
+      the held-out bytes.
+    band: positions per band; must divide the training context.
+
+  Returns:
+    [training context // band] floats: band b averages positions
+    [b * band, (b + 1) * band) over the windows.
+  """
+  import numpy as np
+  import tensorflow as tf
+  model, valid = paper_tables.load_text_run(run_dir)
+  n = model.seq_len
+  if n % band:
+    raise ValueError(f"--band must divide the training context {n}, got "
+                     f"{band}")
+  starts = np.linspace(0, valid.size - n - 1, windows).astype(np.int64)
+
+  @tf.function
+  def nats(x, y):  # (batch, n) int32 each -> (batch, n)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(y, model(x))
+
+  total = np.zeros(n)  # (n,) nats summed over windows
+  for first in range(0, windows, BATCH):
+    batch = starts[first:first + BATCH]
+    x = np.stack([valid[s:s + n] for s in batch]).astype(np.int32)
+    y = np.stack([valid[s + 1:s + n + 1] for s in batch]).astype(np.int32)
+    total += nats(x, y).numpy().sum(0)
+  bits = total / windows / math.log(2.0)
+  return [float(b) for b in bits.reshape(-1, band).mean(1)]
+
+
+def describe(run_dir: str) -> dict:
+  """Name, attention pattern, steps and context of a run."""
+  with open(os.path.join(run_dir, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    steps = json.load(f)["steps"]
+  return {"name": os.path.basename(os.path.normpath(run_dir)),
+          "pattern": config["model"]["pattern"], "steps": steps,
+          "context": config["data"]["context"]}
+
+
+def measure(runs: list, segments: int, windows: int, band: int) -> dict:
+  """The sweep and the profile of every run.
+
+  Returns:
+    {'runs': [describe(run) + 'sweep': {context: bits}, 'profile': [bits]],
+     'contexts', 'scored', 'band', 'segments', 'windows'}.
+  """
+  described = [describe(run) for run in runs]
+  context = described[0]["context"]
+  if any(d["context"] != context for d in described):
+    raise ValueError("the runs must share one training context, got "
+                     f"{[d['context'] for d in described]}")
+  scored = context // 8
+  contexts = [scored * m for m in (1, 2, 3, 4, 6, 8)]
+  for run, d in zip(runs, described):
+    print(f"[context_use] {d['name']} ...", flush=True)
+    d["profile"] = position_profile(run, windows, band)  # checks band
+    d["sweep"] = paper_tables.table3_child(
+        {"run": run, "contexts": contexts, "scored": scored,
+         "segments": segments, "batch": BATCH})["bits"]
+  return {"runs": described, "contexts": contexts, "scored": scored,
+          "band": band, "segments": segments, "windows": windows}
+
+
+def render(result: dict, command: str, minutes: float) -> str:
+  """The BENCHMARKS.md section of one measurement."""
+  runs = result["runs"]
+  names = " | ".join(f"{r['name']} ({r['pattern']}, {r['steps']} steps)"
+                     for r in runs)
+  rule = "|---:|" + "---:|" * len(runs)
+  lines = [
+      SECTION_BEGIN, "## Context use of trained text models", "",
+      f"- Command: `{command}`",
+      f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+      f"wall time {minutes:.1f} min",
+      f"- Machine: {machine_description()}", "",
+      f"Table 3's sweep: {result['segments']} held-out segments, the last "
+      f"{result['scored']} bytes of each scored with every context "
+      "(bits per byte):", "", f"| context | {names} |", rule]
+  for c in result["contexts"]:
+    lines.append(f"| {c:,} | " + " | ".join(
+        f"{r['sweep'][str(c)]:.4f}" for r in runs) + " |")
+  lines += [
+      "", f"Position profile: {result['windows']} whole windows, mean bits "
+      f"per byte of each band of {result['band']} positions:", "",
+      f"| positions | {names} |", rule]
+  band = result["band"]
+  for b in range(len(runs[0]["profile"])):
+    lines.append(f"| {b * band:,}-{(b + 1) * band - 1:,} | " + " | ".join(
+        f"{r['profile'][b]:.4f}" for r in runs) + " |")
+  return "\n".join(lines + ["", SECTION_END, ""])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("runs", nargs="+", help="trained text run directories")
+  parser.add_argument("--segments", type=int, default=256,
+                      help="held-out segments of the sweep")
+  parser.add_argument("--windows", type=int, default=256,
+                      help="windows of the position profile")
+  parser.add_argument("--band", type=int, default=512,
+                      help="positions per band of the profile")
+  parser.add_argument("--output", default=os.path.join(REPO_ROOT,
+                                                       "BENCHMARKS.md"),
+                      help="Markdown file whose context-use section is "
+                      "replaced")
+  args = parser.parse_args(argv)
+  for name in ("segments", "windows", "band"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+  missing = [run for run in args.runs
+             if not os.path.exists(os.path.join(run, "model.keras"))]
+  if missing:
+    parser.error(f"not trained runs (no model.keras): {missing}")
+  start = time.monotonic()
+  try:
+    result = measure(args.runs, args.segments, args.windows, args.band)
+  except ValueError as e:
+    parser.error(str(e))
+  command = " ".join(
+      ["PYTHONPATH=. .venv/bin/python benchmarks/context_use.py"] +
+      [os.path.relpath(run, REPO_ROOT) for run in args.runs] +
+      [f"--segments {args.segments}", f"--windows {args.windows}",
+       f"--band {args.band}"])
+  section = render(result, command, (time.monotonic() - start) / 60)
+  write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+  print(section)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -26,7 +26,7 @@ A run of some of the tables (--tables) keeps the others' results from the
 output directory's results.json; each table records when it was run.
 
 Usage:
-  python benchmarks/paper_tables.py            # full: ~135 min, writes docs/
+  python benchmarks/paper_tables.py            # full: ~2 h, writes docs/
   python benchmarks/paper_tables.py --tables text,table3
   python benchmarks/paper_tables.py --quick --output-dir /tmp/tables
 """

@@ -37,11 +37,12 @@ SECTION_END = "<!-- context_use:end -->"
 BATCH = 4
 
 
-def position_profile(run_dir: str, windows: int, band: int) -> list:
+def position_profile(model, valid, windows: int, band: int) -> list:
   """Mean held-out bits per byte over bands of window positions.
 
   Args:
-    run_dir: a trained text run.
+    model: a trained SparseTransformer.
+    valid: its held-out bytes, 1-D uint8.
     windows: how many windows of the training context, spread evenly over
       the held-out bytes.
     band: positions per band; must divide the training context.
@@ -52,7 +53,6 @@ def position_profile(run_dir: str, windows: int, band: int) -> list:
   """
   import numpy as np
   import tensorflow as tf
-  model, valid = paper_tables.load_text_run(run_dir)
   n = model.seq_len
   if n % band:
     raise ValueError(f"--band must divide the training context {n}, got "
@@ -100,10 +100,10 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   contexts = [scored * m for m in (1, 2, 3, 4, 6, 8)]
   for run, d in zip(runs, described):
     print(f"[context_use] {d['name']} ...", flush=True)
-    d["profile"] = position_profile(run, windows, band)  # checks band
-    d["sweep"] = paper_tables.table3_child(
-        {"run": run, "contexts": contexts, "scored": scored,
-         "segments": segments, "batch": BATCH})["bits"]
+    model, valid = paper_tables.load_text_run(run)
+    d["profile"] = position_profile(model, valid, windows, band)  # checks band
+    d["sweep"] = paper_tables.context_sweep(model, valid, contexts, scored,
+                                            segments, BATCH)["bits"]
   return {"runs": described, "contexts": contexts, "scored": scored,
           "band": band, "segments": segments, "windows": windows}
 

@@ -216,33 +216,51 @@ def load_text_run(run_dir: str) -> tuple:
   return model, valid
 
 
-def table3_child(spec: dict) -> dict:
+def context_sweep(model, valid, contexts: list, scored: int, segments: int,
+                  batch: int) -> dict:
   """Bits per byte of the last positions of windows of growing context.
 
   For segment end e (exclusive) and context c, the model reads bytes
   [e-c-1, e-1) and is scored on its predictions of bytes [e-k, e), k =
-  spec['scored']: the same bytes for every c.
+  scored: the same bytes for every c.
+
+  Args:
+    model: a trained SparseTransformer.
+    valid: held-out bytes, 1-D uint8.
+    contexts: evaluation contexts, each <= model.seq_len and >= scored.
+    scored: k, the scored positions at the end of each window.
+    segments: segment ends, spread evenly over valid.
+    batch: windows per forward pass.
+
+  Returns:
+    {'bits': {str(c): bits per byte}, 'scored_bytes': segments x k}.
   """
   import numpy as np
   import tensorflow as tf
-  model, valid = load_text_run(spec["run"])
-  full, k = model.seq_len, spec["scored"]
-  ends = np.linspace(full + 1, valid.size, spec["segments"]).astype(np.int64)
+  k = scored
+  ends = np.linspace(model.seq_len + 1, valid.size, segments).astype(np.int64)
   results = {}
-  for c in spec["contexts"]:
+  for c in contexts:
     @tf.function
     def scored_nats(x, y):
       logits = model(x)[:, -k:]                    # (batch, k, 256)
       return tf.reduce_sum(
           tf.nn.sparse_softmax_cross_entropy_with_logits(y[:, -k:], logits))
     total = 0.0
-    for start in range(0, ends.size, spec["batch"]):
-      batch = ends[start:start + spec["batch"]]
-      x = np.stack([valid[e - c - 1:e - 1] for e in batch]).astype(np.int32)
-      y = np.stack([valid[e - c:e] for e in batch]).astype(np.int32)
+    for start in range(0, ends.size, batch):
+      group = ends[start:start + batch]
+      x = np.stack([valid[e - c - 1:e - 1] for e in group]).astype(np.int32)
+      y = np.stack([valid[e - c:e] for e in group]).astype(np.int32)
       total += float(scored_nats(x, y))
     results[str(c)] = total / (ends.size * k) / math.log(2.0)
   return {"bits": results, "scored_bytes": int(ends.size * k)}
+
+
+def table3_child(spec: dict) -> dict:
+  """`context_sweep` of the run spec['run'] (the other keys: its args)."""
+  model, valid = load_text_run(spec["run"])
+  return context_sweep(model, valid, spec["contexts"], spec["scored"],
+                       spec["segments"], spec["batch"])
 
 
 def manifest_child(spec: dict) -> dict:

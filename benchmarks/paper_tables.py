@@ -28,6 +28,7 @@ output directory's results.json; each table records when it was run.
 Usage:
   python benchmarks/paper_tables.py            # full: ~2 h, writes docs/
   python benchmarks/paper_tables.py --tables text,table3
+  python benchmarks/paper_tables.py --tables ""   # redraw from results.json
   python benchmarks/paper_tables.py --quick --output-dir /tmp/tables
 """
 
@@ -603,7 +604,15 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               f"Monotone non-increasing: {'yes' if is_monotone(bits) else 'no'}"
               f" ({bits[0]:.4f} -> {bits[-1]:.4f}). The paper (enwik8): "
               f"0.9952 at 6,144 bytes of context, 0.9908 at 12,160: more "
-              f"context, fewer bits.", ""]
+              f"context, fewer bits."]
+    if not is_monotone(bits):
+      lines += ["", "Where more context costs bits, "
+                "`benchmarks/context_use.py`, given this run and Table 2's "
+                "text runs, shows whether the models use their context at "
+                "all: its sweep and per-position profile of each model, the "
+                "dense one included (BENCHMARKS.md, \"Context use of trained "
+                "text models\")."]
+    lines += [""]
   if "table4" in sections:
     t4 = sections["table4"]
     lines += ["## Table 4: longest sequences, one training step", "",
@@ -667,14 +676,15 @@ def main(argv=None) -> int:
   parser.add_argument("--tables", default=",".join(TABLES),
                       help="comma-separated subset of "
                       f"{','.join(TABLES)}; the others keep their results "
-                      "from the output directory's results.json")
+                      "from the output directory's results.json (an empty "
+                      "list only redraws RESULTS.md and the plots)")
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
     return 0
   if args.quick and not args.output_dir:
     parser.error("--quick needs --output-dir (it must not overwrite docs/)")
-  tables = set(args.tables.split(","))
+  tables = set(filter(None, args.tables.split(",")))
   unknown = tables - set(TABLES)
   if unknown:
     parser.error(f"--tables: unknown {sorted(unknown)}; choose from "
@@ -684,8 +694,11 @@ def main(argv=None) -> int:
   runs_root = os.path.abspath(args.runs_dir or (
       os.path.join(out, "runs") if args.quick else
       os.path.join(REPO_ROOT, "runs", "paper_tables")))
-  os.makedirs(out, exist_ok=True)
   results_path = os.path.join(out, "results.json")
+  if not tables and not os.path.exists(results_path):
+    parser.error(f"--tables is empty (redraw only) but {results_path} does "
+                 f"not exist")
+  os.makedirs(out, exist_ok=True)
   sections = {}
   if tables != set(TABLES) and os.path.exists(results_path):
     with open(results_path) as f:

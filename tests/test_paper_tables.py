@@ -59,14 +59,18 @@ def test_digits_converter_rejects_a_bad_split(tmp_path):
   assert result.returncode == 2 and "test must be in" in result.stderr
 
 
+def run_tables(*args, timeout=900):
+  """Runs benchmarks/paper_tables.py with `args`; returns the process."""
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "paper_tables.py")]
+      + list(args), capture_output=True, text=True, cwd=REPO,
+      timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO))
+
+
 @pytest.fixture(scope="module")
 def quick_tables(tmp_path_factory):
   out = tmp_path_factory.mktemp("tables")
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "paper_tables.py"),
-       "--quick", "--output-dir", str(out)],
-      capture_output=True, text=True, cwd=REPO, timeout=900,
-      env=dict(os.environ, PYTHONPATH=REPO))
+  result = run_tables("--quick", "--output-dir", str(out))
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / "results.json") as f:
     return out, json.load(f), (out / "RESULTS.md").read_text()
@@ -148,11 +152,8 @@ def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
   rerun.mkdir()
   with open(rerun / "results.json", "w") as f:
     json.dump(results, f)
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "paper_tables.py"),
-       "--quick", "--tables", "table3", "--output-dir", str(rerun)],
-      capture_output=True, text=True, cwd=REPO, timeout=600,
-      env=dict(os.environ, PYTHONPATH=REPO))
+  result = run_tables("--quick", "--tables", "table3", "--output-dir",
+                      str(rerun), timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(rerun / "results.json") as f:
     again = json.load(f)
@@ -172,6 +173,24 @@ def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
   # Table 4's rows, read back from JSON (string keys), are rendered.
   assert "## Table 4" in markdown and "| 2,048 |" in markdown
   assert all(f"{name} " in markdown for name in results["runs"])
+
+
+def test_quick_tables_redraw_only(quick_tables, tmp_path):
+  out, results, markdown = quick_tables
+  with open(tmp_path / "results.json", "w") as f:
+    json.dump(results, f)
+  result = run_tables("--quick", "--tables", "", "--output-dir",
+                      str(tmp_path), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Nothing is run again: the same results give the same page.
+  assert (tmp_path / "RESULTS.md").read_text() == markdown
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == results
+  t3 = results["table3"]
+  bits = [t3["bits"][str(c)] for c in t3["contexts"]]
+  monotone = all(b <= a for a, b in zip(bits, bits[1:]))
+  # A curve that is not monotone points to the measurement of why.
+  assert ("`benchmarks/context_use.py`" in markdown) == (not monotone)
 
 
 def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
@@ -211,10 +230,11 @@ def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
 
 
 def test_tables_argument_errors():
-  script = os.path.join(REPO, "benchmarks", "paper_tables.py")
   for args, message in ((["--quick"], "--quick needs --output-dir"),
                         (["--tables", "bogus", "--output-dir", "/tmp/x"],
-                         "unknown ['bogus']")):
-    result = subprocess.run([sys.executable, script] + args,
-                            capture_output=True, text=True, cwd=REPO)
+                         "unknown ['bogus']"),
+                        (["--tables", "", "--output-dir",
+                          "/tmp/st_keras_no_tables"], "does not exist")):
+    result = run_tables(*args, timeout=120)
     assert result.returncode == 2 and message in result.stderr, args
+  assert not os.path.exists("/tmp/st_keras_no_tables")

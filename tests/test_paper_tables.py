@@ -182,8 +182,12 @@ def test_quick_tables_redraw_only(quick_tables, tmp_path):
   result = run_tables("--quick", "--tables", "", "--output-dir",
                       str(tmp_path), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  # Nothing is run again: the same results give the same page.
+  # Nothing is run again: the same results give the same page and plots
+  # (Table 4's n, read back as JSON string keys, is a number again).
   assert (tmp_path / "RESULTS.md").read_text() == markdown
+  for name in ("results_table2_text.png", "results_table2_images.png",
+               "results_table3.png", "results_table4.png"):
+    assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == results
   t3 = results["table3"]

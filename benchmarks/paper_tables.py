@@ -630,7 +630,6 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               "", "| n | strided model | params | s / step | peak MiB | "
               "dense model | params | s / step | peak MiB |",
               "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
-    # Keys are ints when just measured, strings when read from results.json.
     for n, row in sorted(t4["rows"].items()):
       cells = []
       for pattern in ("strided", "dense"):

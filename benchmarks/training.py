@@ -183,20 +183,19 @@ def measure_rounds(patterns, n, steps, rounds):
     rounds: children per pattern.
 
   Returns:
-    {pattern: result}: the last child's result, with step_s the median of
-    every child's timed steps and the first failure, if any, instead.
+    {pattern: result}: the last child's result with step_s the median of
+    every child's timed steps, or the pattern's first failure.
   """
-  results = {}
+  children = {pattern: [] for pattern in patterns}
   for _ in range(rounds):
     for pattern in patterns:
-      r = measure(pattern, n, False, steps)
-      before = results.get(pattern)
-      if before is not None and before["status"] != "ok":
-        continue  # a failure is kept
-      if before is not None and r["status"] == "ok":
-        r["times_s"] = before["times_s"] + r["times_s"]
-        r["step_s"] = statistics.median(r["times_s"])
-      results[pattern] = r
+      children[pattern].append(measure(pattern, n, False, steps))
+  results = {}
+  for pattern, runs in children.items():
+    failed = [r for r in runs if r["status"] != "ok"]
+    times = [t for r in runs if r["status"] == "ok" for t in r["times_s"]]
+    results[pattern] = failed[0] if failed else dict(
+        runs[-1], times_s=times, step_s=statistics.median(times))
   return results
 
 

@@ -233,12 +233,13 @@ def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
   assert missing.returncode == 2 and "no model.keras" in missing.stderr
 
 
-def test_tables_argument_errors():
+def test_tables_argument_errors(tmp_path):
+  missing = tmp_path / "none"
   for args, message in ((["--quick"], "--quick needs --output-dir"),
-                        (["--tables", "bogus", "--output-dir", "/tmp/x"],
-                         "unknown ['bogus']"),
-                        (["--tables", "", "--output-dir",
-                          "/tmp/st_keras_no_tables"], "does not exist")):
+                        (["--tables", "bogus", "--output-dir",
+                          str(tmp_path)], "unknown ['bogus']"),
+                        (["--tables", "", "--output-dir", str(missing)],
+                         "does not exist")):
     result = run_tables(*args, timeout=120)
     assert result.returncode == 2 and message in result.stderr, args
-  assert not os.path.exists("/tmp/st_keras_no_tables")
+  assert not missing.exists()  # a refused redraw creates nothing

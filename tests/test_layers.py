@@ -23,15 +23,16 @@ def _attention_reference(layer, x):
   x = np.asarray(x, np.float64)
   heads = layer.num_heads
 
-  def project(name):  # (batch, heads, n, dim); biases are per (head, dim)
-    bias = w[f"{name}/bias"].reshape(1, heads, 1, -1)
-    return np.einsum("bnw,whk->bhnk", x, w[f"{name}/kernel"]) + bias
-
-  q, k, v = project("query"), project("key"), project("value")
+  qkv = x @ w["qkv/kernel"] + w["qkv/bias"]  # (batch, n, heads * dims)
+  key_width = heads * layer.key_dim
+  parts = np.split(qkv, [key_width, 2 * key_width], axis=-1)
+  # (batch, heads, n, dim): head h owns columns [h * dim, (h + 1) * dim)
+  q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(0, 2, 1, 3)
+             for t in parts)
   mask = layer.layout(x.shape[1]).to_dense()
   out, _ = reference.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
-  return np.einsum("bhnk,hkw->bnw", out, w["output/kernel"]) + w[
-      "output/bias"]
+  out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1)
+  return out @ w["output/kernel"] + w["output/bias"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -158,17 +159,18 @@ def test_block_matches_equations_9_to_14():
                              atol=1e-5)
 
 
-def test_residual_projections_are_scaled_by_depth():
+def test_projections_have_their_initial_variance():
   num_layers = 8
   block = _block(num_layers=num_layers)
   block.build((None, 64, 256))
-  for kernel, fan_in, fan_out in (
-      (block.ff_out.kernel, 512, 256),
-      (block.attention.output_dense.kernel, 256, 256),
-      (block.ff_in.kernel, 256, 512)):
-    scale = 1.0 if kernel is block.ff_in.kernel else 1.0 / (2 * num_layers)
-    want = scale * 2.0 / (fan_in + fan_out)  # variance of scaled Glorot
-    assert abs(np.var(kernel.numpy()) / want - 1) < 0.1
+  residual = 1.0 / (2 * num_layers)  # W2 and W_p: Glorot scaled by depth
+  for kernel, want in (
+      (block.ff_out.kernel, residual * 2.0 / (512 + 256)),
+      (block.attention.output_dense.kernel, residual * 2.0 / (256 + 256)),
+      (block.ff_in.kernel, 2.0 / (256 + 512)),
+      # q, k and v each as a square Glorot matrix: 1 / width
+      (block.attention.qkv.kernel, 1.0 / 256)):
+    assert abs(np.var(kernel.numpy()) / want - 1) < 0.1, kernel.path
 
 
 def test_block_dropout_only_in_training():

@@ -109,7 +109,7 @@ def test_mixed_precision_training_step_is_finite(policy):
     models.compile_for_training(model, keras.optimizers.AdamW(1e-3))
     history = model.fit(_batches(rng, count=2), epochs=1, verbose=0)
     block = model.blocks[0]
-    assert block.attention.query.compute_dtype == policy.split("_")[1]
+    assert block.attention.qkv.compute_dtype == policy.split("_")[1]
     assert model(np.zeros((1, 64), np.int32)).dtype == tf.float32
   finally:
     keras.mixed_precision.set_global_policy("float32")

@@ -161,21 +161,16 @@ class SparseSelfAttention(keras.layers.Layer):
     self.key_dim = max(1, int(self.value_dim * self.qk_ratio))
     heads = self.num_heads
 
-    def projection(name, dim):  # (batch, n, width) -> (batch, heads, n, dim)
-      return keras.layers.EinsumDense(
-          "bnw,whk->bhnk", output_shape=(heads, None, dim), bias_axes="hk",
-          name=name)
-
-    self.query = projection("query", self.key_dim)
-    self.key = projection("key", self.key_dim)
-    self.value = projection("value", self.value_dim)
-    self.output_dense = keras.layers.EinsumDense(
-        "bhnk,hkw->bnw", output_shape=(None, width), bias_axes="w",
-        kernel_initializer=self.output_initializer, name="output")
-    for dense in (self.query, self.key, self.value):
-      dense.build(input_shape)
-    self.output_dense.build((input_shape[0], heads, input_shape[1],
-                             self.value_dim))
+    # One matmul projects queries, keys and values; LeCun-uniform gives each
+    # of the three the variance 1 / width of a square Glorot projection.
+    self.qkv = keras.layers.Dense(
+        heads * (2 * self.key_dim + self.value_dim),
+        kernel_initializer="lecun_uniform", name="qkv")
+    self.output_dense = keras.layers.Dense(
+        width, kernel_initializer=self.output_initializer, name="output")
+    self.qkv.build(input_shape)
+    self.output_dense.build(tuple(input_shape[:-1]) + (heads *
+                                                       self.value_dim,))
 
   def layout(self, seq_len: int) -> layouts.Layout:
     """The (cached) layout for `seq_len` tokens."""
@@ -193,7 +188,7 @@ class SparseSelfAttention(keras.layers.Layer):
     if seq_len is None:
       raise ValueError("the sequence axis must be known statically: the "
                        "layout depends on it")
-    q, k, v = self.query(x), self.key(x), self.value(x)  # (b, heads, n, dim)
+    q, k, v = self._project(x)  # (batch, heads, n, dim) each
     if self.key_dim != self.value_dim:
       # The op takes one head_dim: pad q and k with zeros (scores unchanged).
       pad = [[0, 0], [0, 0], [0, 0], [0, self.value_dim - self.key_dim]]
@@ -201,7 +196,24 @@ class SparseSelfAttention(keras.layers.Layer):
     out = ops.block_sparse_attention(
         q, k, v, self.layout(seq_len), scale=1.0 / math.sqrt(self.key_dim),
         implementation=self.implementation)  # (batch, heads, n, value_dim)
-    return self.output_dense(out)  # (batch, n, width)
+    out = tf.transpose(out, [0, 2, 1, 3])  # (batch, n, heads, value_dim)
+    return self.output_dense(tf.reshape(
+        out, [-1, seq_len, self.num_heads * self.value_dim]))  # (b, n, width)
+
+  def _project(self, x):
+    """Queries, keys and values of x (batch, n, width).
+
+    Returns:
+      q, k: (batch, heads, n, key_dim); v: (batch, heads, n, value_dim).
+    """
+    heads, n = self.num_heads, x.shape[1]
+    qkv = self.qkv(x)  # (batch, n, heads * (2 key_dim + value_dim))
+    parts = tf.split(qkv, [heads * self.key_dim, heads * self.key_dim,
+                           heads * self.value_dim], axis=-1)
+    # (batch, n, heads * dim) -> (batch, heads, n, dim)
+    return tuple(tf.transpose(tf.reshape(t, [-1, n, heads, t.shape[-1] //
+                                             heads]), [0, 2, 1, 3])
+                 for t in parts)
 
   def initial_cache(self, batch_size, seq_len: int) -> tuple:
     """Empty key and value caches for `decode_step`.
@@ -244,9 +256,8 @@ class SparseSelfAttention(keras.layers.Layer):
       (output (batch, width), updated cache).
     """
     keys, values = cache
-    x = x[:, None]  # (batch, 1, width)
-    q, k, v = (tf.cast(dense(x)[:, :, 0], tf.float32)
-               for dense in (self.query, self.key, self.value))
+    q, k, v = (tf.cast(t[:, :, 0], tf.float32)
+               for t in self._project(x[:, None]))
     # (batch, heads, dim) each
     keys, values = keys.write(position, k), values.write(position, v)
     slots, valid = attended
@@ -258,8 +269,9 @@ class SparseSelfAttention(keras.layers.Layer):
     probs = probs / tf.where(total > 0, total, 1.0)[..., None]
     # a row with no key gives 0
     out = tf.einsum("bhk,bhkd->bhd", probs, vg)  # (batch, heads, value_dim)
-    out = self.output_dense(tf.cast(out, self.compute_dtype)[:, :, None])
-    return out[:, 0], (keys, values)
+    out = tf.reshape(tf.cast(out, self.compute_dtype),
+                     [-1, self.num_heads * self.value_dim])
+    return self.output_dense(out), (keys, values)
 
   def _gather_heads(self, entries, slots):
     """Entries of a cache TensorArray at `slots` (1 or heads, K):

@@ -198,14 +198,15 @@ def train_run(name: str, config: dict, root: str) -> dict:
 
 
 def load_text_run(run_dir: str) -> tuple:
-  """A trained text run's model and held-out bytes.
+  """A trained text run's model, held-out bytes and held-out files.
 
   Args:
     run_dir: an output directory of `st_keras.train` (model.keras and
       config.json).
 
   Returns:
-    (the SparseTransformer, its held-out bytes as a 1-D uint8 array).
+    (the SparseTransformer, its held-out bytes as a 1-D uint8 array, the
+    offsets at which the held-out files begin in them).
   """
   import keras
   from st_keras import config as config_lib
@@ -213,12 +214,46 @@ def load_text_run(run_dir: str) -> tuple:
   from st_keras import train
   model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
   with open(os.path.join(run_dir, "config.json")) as f:
-    valid = train.load_data(config_lib.from_dict(json.load(f)).data)["valid"]
-  return model, valid
+    data_config = config_lib.from_dict(json.load(f)).data
+  valid = train.load_data(data_config)["valid"]
+  return model, valid, train.held_out_file_starts(data_config, valid)
+
+
+def segment_ends(size: int, window: int, segments: int,
+                 starts=None):
+  """Ends (exclusive) of evenly spread held-out segments.
+
+  Args:
+    size: held-out bytes.
+    window: bytes a segment reads before its end (the longest context + 1).
+    segments: how many ends.
+    starts: None, or where each held-out file begins: then only ends whose
+      whole window [end - window, end) lies inside one file.
+
+  Returns:
+    int64 [segments], ascending.
+
+  Raises:
+    ValueError: fewer possible ends than segments.
+  """
+  import numpy as np
+  bounds = np.append(np.zeros([1], np.int64) if starts is None else
+                     np.asarray(starts, np.int64), size)
+  first, last = bounds[:-1] + window, bounds[1:]  # ends e in [first, last]
+  keep = last >= first
+  first, counts = first[keep], (last - first + 1)[keep]
+  if counts.sum() < segments:
+    where = "within one held-out file" if starts is not None else ""
+    raise ValueError(f"{counts.sum()} segment ends of {window} bytes "
+                     f"{where}, fewer than segments={segments}")
+  rank = np.linspace(0, counts.sum() - 1, segments).astype(np.int64)
+  before = np.cumsum(counts) - counts  # ends in the files before each
+  part = np.searchsorted(before, rank, side="right") - 1
+  return first[part] + rank - before[part]
 
 
 def context_sweep(model, valid, contexts: list, scored: int, segments: int,
-                  batch: int) -> dict:
+                  batch: int, starts=None) -> dict:
   """Bits per byte of the last positions of windows of growing context.
 
   For segment end e (exclusive) and context c, the model reads bytes
@@ -232,6 +267,9 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
     scored: k, the scored positions at the end of each window.
     segments: segment ends, spread evenly over valid.
     batch: windows per forward pass.
+    starts: None, or where each held-out file begins in valid: then only
+      segments whose longest window lies inside one file, so that all the
+      context a longer window adds is the scored bytes' own file.
 
   Returns:
     {'bits': {str(c): bits per byte}, 'scored_bytes': segments x k}.
@@ -239,7 +277,7 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
   import numpy as np
   import tensorflow as tf
   k = scored
-  ends = np.linspace(model.seq_len + 1, valid.size, segments).astype(np.int64)
+  ends = segment_ends(valid.size, model.seq_len + 1, segments, starts)
   results = {}
   for c in contexts:
     @tf.function
@@ -258,10 +296,15 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
 
 
 def table3_child(spec: dict) -> dict:
-  """`context_sweep` of the run spec['run'] (the other keys: its args)."""
-  model, valid = load_text_run(spec["run"])
-  return context_sweep(model, valid, spec["contexts"], spec["scored"],
-                       spec["segments"], spec["batch"])
+  """`context_sweep` of the run spec['run'] (the other keys: its args),
+  over all held-out segments and, as 'within_file', over those whose
+  longest window lies inside one held-out file."""
+  model, valid, starts = load_text_run(spec["run"])
+  args = (model, valid, spec["contexts"], spec["scored"], spec["segments"],
+          spec["batch"])
+  result = context_sweep(*args)
+  result["within_file"] = context_sweep(*args, starts=starts)
+  return result
 
 
 def manifest_child(spec: dict) -> dict:
@@ -464,16 +507,26 @@ def plot_curves(path: str, runs: dict, title: str, unit: str) -> str:
   return _save(plt, fig, path)
 
 
+def table3_sweeps(t3: dict) -> list:
+  """(label, bits per context) of each sweep of a Table 3 result: all
+  held-out segments, and those inside one file when measured."""
+  sweeps = [("all segments", [t3["bits"][str(c)] for c in t3["contexts"]])]
+  if "within_file" in t3:
+    sweeps.append(("within one file", [t3["within_file"]["bits"][str(c)]
+                                       for c in t3["contexts"]]))
+  return sweeps
+
+
 def plot_table3(path: str, t3: dict) -> str:
-  """Bits per byte against evaluation context."""
+  """Bits per byte against evaluation context, one line per sweep."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
-  ax.plot(t3["contexts"], [t3["bits"][str(c)] for c in t3["contexts"]],
-          marker="o")
+  for label, bits in table3_sweeps(t3):
+    ax.plot(t3["contexts"], bits, marker="o", label=label)
   ax.set_title("Table 3 in miniature: fixed pattern, held-out text",
                fontsize=9)
   _style(ax, "evaluation context (bytes)",
-         "bits per byte (last 1/8 of each window)", log2x=True)
+         "bits per byte (last 1/8 of each window)", log2x=True, legend=True)
   return _save(plt, fig, path)
 
 
@@ -589,23 +642,39 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
         "CIFAR-10 photographs, so the absolute bits per dim are much lower.")
   if "table3" in sections:
     t3 = sections["table3"]
-    bits = [t3["bits"][str(c)] for c in t3["contexts"]]
+    sweeps = table3_sweeps(t3)
     lines += ["## Table 3: held-out bits per byte vs evaluation context", "",
               f"A fixed-pattern text model of Table 2's configuration "
               f"(training context {t3['training_context']}) trained for "
               f"{t3['run']['steps']} steps, to {t3['run']['bits']:.4f} "
-              f"held-out bits per byte. Each of {t3['scored_bytes']:,} "
-              f"held-out bytes is predicted once per context: a window of c "
-              f"bytes ends just before it and only the last "
-              f"{t3['scored']} positions of each window are scored.", "",
-              "| evaluation context | bits per byte |", "|---:|---:|"]
-    lines += [f"| {c:,} | {b:.4f} |" for c, b in zip(t3["contexts"], bits)]
+              f"held-out bits per byte. Each scored byte is predicted once "
+              f"per context: a window of c bytes ends just before it and "
+              f"only the last {t3['scored']} positions of each window are "
+              f"scored, so every context scores the same bytes.", "",
+              f"- All segments: {t3['scored_bytes']:,} bytes, segment ends "
+              f"spread evenly over the held-out bytes. The files are "
+              f"concatenated without a separator, so a long window may "
+              f"reach back into the file before."]
+    if "within_file" in t3:
+      lines += [f"- Within one file: {t3['within_file']['scored_bytes']:,} "
+                f"bytes, segment ends spread evenly over those whose "
+                f"{t3['training_context']:,}-byte window lies inside one "
+                f"held-out file, so every byte a longer context adds is of "
+                f"the scored bytes' own file, as in one long text like "
+                f"enwik8."]
+    lines += ["", "| evaluation context | " + " | ".join(
+        label for label, _ in sweeps) + " |", "|---:|" + "---:|" * len(sweeps)]
+    lines += [f"| {c:,} | " + " | ".join(f"{bits[i]:.4f}" for _, bits in
+                                          sweeps) + " |"
+              for i, c in enumerate(t3["contexts"])]
     lines += ["", f"![table 3]({plots['table3']})", "",
-              f"Monotone non-increasing: {'yes' if is_monotone(bits) else 'no'}"
-              f" ({bits[0]:.4f} -> {bits[-1]:.4f}). The paper (enwik8): "
-              f"0.9952 at 6,144 bytes of context, 0.9908 at 12,160: more "
-              f"context, fewer bits."]
-    if not is_monotone(bits):
+              "Monotone non-increasing: " + "; ".join(
+                  f"{label} {'yes' if is_monotone(bits) else 'no'} "
+                  f"({bits[0]:.4f} -> {bits[-1]:.4f})"
+                  for label, bits in sweeps) +
+              ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
+              "0.9908 at 12,160: more context, fewer bits."]
+    if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
                 "`benchmarks/context_use.py`, given this run and Table 2's "
                 "text runs, shows whether the models use their context at "

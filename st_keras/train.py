@@ -112,6 +112,33 @@ def load_data(cfg: config_lib.DataConfig) -> dict:
           "valid": data_lib.images.read_imagenet64(cfg.valid_path)}
 
 
+def held_out_file_starts(cfg: config_lib.DataConfig,
+                         valid: np.ndarray) -> np.ndarray:
+  """Where each file (document) begins in a text run's held-out bytes.
+
+  Args:
+    cfg: the run's data config (kind text or enwik8).
+    valid: `load_data(cfg)['valid']`.
+
+  Returns:
+    Ascending int64 offsets into valid, the first 0: with data.path, the
+    files under it that begin inside the held-out tail; enwik8 is one text.
+
+  Raises:
+    ValueError: data.kind is not a text kind.
+  """
+  if cfg.kind == "enwik8":
+    return np.zeros([1], np.int64)
+  if cfg.kind != "text":
+    raise ValueError(f"held-out files are defined for text runs, not "
+                     f"data.kind={cfg.kind}")
+  if cfg.path is None:
+    return data_lib.text.stdlib_valid_bounds()[:-1]
+  bounds = data_lib.text.file_bounds(cfg.path)
+  starts = bounds[:-1] - (bounds[-1] - valid.size)  # valid is the tail
+  return np.concatenate([[0], starts[starts > 0]]).astype(np.int64)
+
+
 def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
                   start_step: int) -> tuple:
   """(training stream starting at batch start_step, validation batches)."""

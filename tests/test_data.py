@@ -31,6 +31,30 @@ def test_read_bytes_walks_directories_in_sorted_order(tmp_path):
     text.read_bytes(str(tmp_path / "missing"))
 
 
+def test_file_bounds_mark_each_file_in_read_bytes(tmp_path):
+  rng = np.random.default_rng()
+  names = ("b.txt", "a/z.py", "a/c.py", "a/empty.py")
+  for name in names:
+    size = 0 if name == "a/empty.py" else int(rng.integers(1, 80))
+    _write(str(tmp_path / name), rng.integers(0, 256, size).astype(
+        np.uint8).tobytes())
+  bounds = text.file_bounds(str(tmp_path))
+  data = text.read_bytes(str(tmp_path))
+  files = text.list_files(str(tmp_path))  # a/c, a/empty, a/z, b
+  assert bounds.dtype == np.int64 and bounds.size == len(files) + 1
+  assert bounds[0] == 0 and bounds[-1] == data.size
+  for name, lo, hi in zip(files, bounds[:-1], bounds[1:]):
+    with open(name, "rb") as f:
+      assert data[lo:hi].tobytes() == f.read()
+  # A list of paths walks them in the given order, like read_bytes.
+  both = [str(tmp_path / "b.txt"), str(tmp_path / "a")]
+  assert text.file_bounds(both)[-1] == text.read_bytes(both).size
+  assert text.file_bounds(both)[1] == os.path.getsize(tmp_path / "b.txt")
+  valid = text.stdlib_valid_bounds()
+  assert valid[-1] == text.stdlib_splits()["valid"].size
+  assert valid.size == len(text.stdlib_manifest()["valid"]) + 1
+
+
 def test_enwik8_split_boundaries(tmp_path):
   path = str(tmp_path / "enwik8")
   marks = {0: 1, 89_999_999: 2, 90_000_000: 3, 94_999_999: 4,

@@ -120,6 +120,36 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   # Different contexts give different predictions of the same bytes.
   assert len({round(v, 6) for v in t3["bits"].values()}) > 1
   assert "Monotone non-increasing: " in markdown
+  # The same bytes again, from segments whose longest window is one file's.
+  within = t3["within_file"]
+  assert within["scored_bytes"] == 16 * 64
+  assert all(0 < within["bits"][str(c)] < 8.0 for c in t3["contexts"])
+  assert f"| 512 | {t3['bits']['512']:.4f} | " \
+      f"{within['bits']['512']:.4f} |" in markdown
+
+
+def test_segment_ends_spread_evenly_inside_files():
+  sys.path.insert(0, REPO)
+  from benchmarks import paper_tables
+  rng = np.random.default_rng()
+  sizes = rng.integers(10, 400, 30)
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  size, window = int(sizes.sum()), 120
+  ends = paper_tables.segment_ends(size, window, 40, starts)
+  assert ends.size == 40 and np.all(np.diff(ends) >= 0)
+  # Every window [end - window, end) lies inside one file.
+  file_of = np.searchsorted(starts, np.arange(size), side="right") - 1
+  for e in ends:
+    assert e <= size and file_of[e - window] == file_of[e - 1]
+  # The first and last possible ends are taken.
+  possible = [e for e in range(window, size + 1)
+              if file_of[e - window] == file_of[e - 1]]
+  assert (ends[0], ends[-1]) == (possible[0], possible[-1])
+  # Without files: the whole held-out stream, from the first full window.
+  plain = paper_tables.segment_ends(size, window, 7)
+  assert (plain[0], plain[-1]) == (window, size)
+  with pytest.raises(ValueError, match="within one held-out file"):
+    paper_tables.segment_ends(size, window, len(possible) + 1, starts)
 
 
 def test_quick_table4_steps_every_context(quick_tables):
@@ -191,8 +221,10 @@ def test_quick_tables_redraw_only(quick_tables, tmp_path):
   with open(tmp_path / "results.json") as f:
     assert json.load(f) == results
   t3 = results["table3"]
-  bits = [t3["bits"][str(c)] for c in t3["contexts"]]
-  monotone = all(b <= a for a, b in zip(bits, bits[1:]))
+  monotone = True
+  for sweep in (t3, t3["within_file"]):
+    bits = [sweep["bits"][str(c)] for c in t3["contexts"]]
+    monotone &= all(b <= a for a, b in zip(bits, bits[1:]))
   # A curve that is not monotone points to the measurement of why.
   assert ("`benchmarks/context_use.py`" in markdown) == (not monotone)
 

@@ -175,6 +175,29 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path):
+  from st_keras import train
+  rng = np.random.default_rng()
+  blobs = [rng.integers(0, 256, int(rng.integers(300, 900))).astype(
+      np.uint8).tobytes() for _ in range(6)]
+  for i, blob in enumerate(blobs):
+    (tmp_path / f"f{i}.txt").write_bytes(blob)
+  data = config_lib.DataConfig(kind="text", path=str(tmp_path), context=64,
+                               valid_fraction=0.6)
+  valid = train.load_data(data)["valid"]
+  starts = train.held_out_file_starts(data, valid)
+  assert starts[0] == 0 and np.all(np.diff(starts) > 0)
+  # Each later start begins a whole file; the first file is cut by the split.
+  ends = list(starts[1:]) + [valid.size]
+  whole = [valid[a:b].tobytes() for a, b in zip(starts[1:], ends[1:])]
+  assert whole == blobs[len(blobs) - len(whole):]
+  assert blobs[-len(whole) - 1].endswith(valid[:starts[1]].tobytes())
+  enwik8 = config_lib.DataConfig(kind="enwik8", path="unused")
+  assert train.held_out_file_starts(enwik8, valid).tolist() == [0]
+  with pytest.raises(ValueError, match="data.kind=cifar10"):
+    train.held_out_file_starts(config_lib.DataConfig(kind="cifar10"), valid)
+
+
 def test_strategy_choice(monkeypatch):
   import tensorflow as tf
   from st_keras import train

@@ -56,6 +56,23 @@ def read_bytes(paths: Sequence[str] | str) -> np.ndarray:
   return np.concatenate(chunks) if chunks else np.zeros([0], np.uint8)
 
 
+def file_bounds(paths: Sequence[str] | str) -> np.ndarray:
+  """Where each file begins and ends in `read_bytes(paths)`, the same walk.
+
+  Args:
+    paths: a path or a list of paths to files or directories.
+
+  Returns:
+    A 1-D int64 array of files + 1 ascending offsets: file f holds bytes
+    [bounds[f], bounds[f + 1]).
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  sizes = [os.path.getsize(name) for path in paths
+           for name in list_files(os.fspath(path))]
+  return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
 def enwik8_splits(path: str) -> Dict[str, np.ndarray]:
   """The paper's enwik8 split: first 90M bytes train, next 5M valid, last 5M
   test.
@@ -124,3 +141,11 @@ def stdlib_splits(valid_per_mille: int = 50) -> Dict[str, np.ndarray]:
   root = manifest["root"][0]
   return {part: read_bytes([os.path.join(root, p) for p in manifest[part]])
           for part in ("train", "valid")}
+
+
+def stdlib_valid_bounds(valid_per_mille: int = 50) -> np.ndarray:
+  """`file_bounds` of the held-out files of the default corpus, i.e. of
+  `stdlib_splits()['valid']`."""
+  manifest = stdlib_manifest(valid_per_mille)
+  root = manifest["root"][0]
+  return file_bounds([os.path.join(root, p) for p in manifest["valid"]])

@@ -121,6 +121,20 @@ def test_evaluation_windows_are_contiguous_and_cover_once():
   np.testing.assert_array_equal(y.reshape(-1), corpus[1:961])
 
 
+def test_pipelines_do_not_autotune():
+  # An autotuning validation iterator took ~9 s to drop after every
+  # evaluation of a run (st_keras.data.windows._in_memory).
+  rng = np.random.default_rng()
+  corpus = rng.integers(0, 256, 300).astype(np.uint8)
+  seqs = rng.integers(0, 256, (4, 6)).astype(np.uint8)
+  for ds in (data.training_windows(corpus, 16, 2, seed=1),
+             data.evaluation_windows(corpus, 16, 2),
+             data.sequence_batches(seqs, 2),
+             data.sequence_batches(seqs, 2, seed=3)):
+    assert ds.options().autotune.enabled is False
+    assert next(iter(ds))[0].shape[0] == 2
+
+
 def test_windows_reject_short_or_bad_data():
   with pytest.raises(ValueError, match="fewer than one window"):
     data.training_windows(np.zeros(10, np.uint8), 16, 2, seed=0)

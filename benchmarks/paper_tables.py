@@ -400,15 +400,46 @@ def table3(s: Settings, root: str, path: str | None = None) -> dict:
   return result
 
 
+# A prediction from another model of the ladder is rougher than one from the
+# same model: such a model is skipped only when over this times the budget.
+UNMEASURED_MARGIN = 1.5
+
+
+def predicted_step(reference: dict, layers: int, width: int, n: int,
+                   power: float) -> tuple:
+  """A training step's time and peak memory predicted from a measured one.
+
+  Time grows as n^power (1.5 strided, 2 dense: attention dominates at long
+  n) and memory as n; both scale with layers x width against the reference
+  model (the attention's cost and the stored block inputs are linear in
+  both).
+
+  Args:
+    reference: a measured row (n, layers, width, step_s, peak_mib).
+    layers, width: the model to predict.
+    n: the context to predict.
+    power: the exponent of n in the step time.
+
+  Returns:
+    (seconds, bytes).
+  """
+  grow = n / reference["n"]
+  size = layers * width / (reference["layers"] * reference["width"])
+  return (reference["step_s"] * grow ** power * size,
+          reference["peak_mib"] * MIB * grow * size)
+
+
 def table4(s: Settings) -> dict:
   """The largest model of the ladder per context, strided and dense.
 
   For each n (ascending) the search starts at the model chosen for the
-  previous n and steps down the ladder while a step, or its prediction from
-  the last measurement of that model (time x (n/n')^1.5 strided, ^2 dense;
-  memory x n/n'), is over budget. The smallest model only has to complete
-  (within table4_last_s); a larger one must also step within table4_time_s.
-  A column ends when even the smallest model fails, or is predicted to.
+  previous n and steps down the ladder while a step, or its prediction
+  (`predicted_step`), is over budget. A model not yet measured is
+  predicted from the column's latest measurement and skipped only when
+  over UNMEASURED_MARGIN times the budget. The smallest model only has to
+  complete (within table4_last_s); a larger one must also step within
+  table4_time_s. A column ends when even the smallest model fails, or is
+  predicted to.
   """
   budget = 0.8 * _meminfo_kib("MemTotal") * 1024
   ladder = s.table4_ladder
@@ -422,15 +453,19 @@ def table4(s: Settings) -> dict:
         layers, width = ladder[index]
         smallest = index == 0
         limit = s.table4_last_s if smallest else s.table4_time_s
-        last = seen.get(index)
+        # The model's own last measurement, else the column's latest.
+        last = seen.get(index) or (
+            max(seen.values(), key=lambda r: r["n"]) if seen else None)
         if last:
-          grow = n / last["n"]
-          predicted_s = last["step_s"] * grow ** power
-          if (predicted_s > limit or
-              last["peak_mib"] * MIB * grow > budget):
+          predicted_s, predicted_bytes = predicted_step(last, layers, width,
+                                                        n, power)
+          margin = 1.0 if last is seen.get(index) else UNMEASURED_MARGIN
+          if (predicted_s > margin * limit or
+              predicted_bytes > margin * budget):
             if smallest:
-              row[pattern] = {"status": f"predicted over {limit:.0f} s "
-                              f"({predicted_s:,.0f} s)"}
+              row[pattern] = {"status": f"predicted {predicted_s:,.0f} s, "
+                              f"{predicted_bytes / GIB:.1f} GiB: over "
+                              f"{limit:.0f} s or {budget / GIB:.1f} GiB"}
               alive = False
             else:
               index -= 1

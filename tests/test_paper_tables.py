@@ -11,8 +11,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
+sys.path.insert(0, REPO)
 
 import digits_to_cifar  # noqa: E402
+from benchmarks import paper_tables  # noqa: E402
 from st_keras.data import images  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -129,8 +131,6 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
 
 
 def test_segment_ends_spread_evenly_inside_files():
-  sys.path.insert(0, REPO)
-  from benchmarks import paper_tables
   rng = np.random.default_rng()
   sizes = rng.integers(10, 400, 30)
   starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -150,6 +150,20 @@ def test_segment_ends_spread_evenly_inside_files():
   assert (plain[0], plain[-1]) == (window, size)
   with pytest.raises(ValueError, match="within one held-out file"):
     paper_tables.segment_ends(size, window, len(possible) + 1, starts)
+
+
+def test_table4_predicts_steps_from_a_measured_model():
+  rng = np.random.default_rng()
+  ref = {"n": 4096, "layers": 4, "width": 128,
+         "step_s": float(rng.uniform(1, 10)),
+         "peak_mib": float(rng.uniform(100, 1000))}
+  seconds, size = paper_tables.predicted_step(ref, 4, 128, 4096, 2.0)
+  assert seconds == pytest.approx(ref["step_s"])
+  assert size == pytest.approx(ref["peak_mib"] * 2 ** 20)
+  # Four times the context at half the layers and half the width.
+  seconds, size = paper_tables.predicted_step(ref, 2, 64, 16384, 1.5)
+  assert seconds == pytest.approx(ref["step_s"] * 4 ** 1.5 / 4)
+  assert size == pytest.approx(ref["peak_mib"] * 2 ** 20 * 4 / 4)
 
 
 def test_quick_table4_steps_every_context(quick_tables):

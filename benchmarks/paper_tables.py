@@ -454,18 +454,19 @@ def table4(s: Settings) -> dict:
         smallest = index == 0
         limit = s.table4_last_s if smallest else s.table4_time_s
         # The model's own last measurement, else the column's latest.
-        last = seen.get(index) or (
-            max(seen.values(), key=lambda r: r["n"]) if seen else None)
+        own = seen.get(index)
+        last = own or (max(seen.values(), key=lambda r: r["n"]) if seen
+                       else None)
         if last:
           predicted_s, predicted_bytes = predicted_step(last, layers, width,
                                                         n, power)
-          margin = 1.0 if last is seen.get(index) else UNMEASURED_MARGIN
-          if (predicted_s > margin * limit or
-              predicted_bytes > margin * budget):
+          margin = 1.0 if own else UNMEASURED_MARGIN
+          max_s, max_bytes = margin * limit, margin * budget
+          if predicted_s > max_s or predicted_bytes > max_bytes:
             if smallest:
               row[pattern] = {"status": f"predicted {predicted_s:,.0f} s, "
                               f"{predicted_bytes / GIB:.1f} GiB: over "
-                              f"{limit:.0f} s or {budget / GIB:.1f} GiB"}
+                              f"{max_s:.0f} s or {max_bytes / GIB:.1f} GiB"}
               alive = False
             else:
               index -= 1

@@ -100,7 +100,8 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   contexts = [scored * m for m in (1, 2, 3, 4, 6, 8)]
   for run, d in zip(runs, described):
     print(f"[context_use] {d['name']} ...", flush=True)
-    model, valid, _ = paper_tables.load_text_run(run)
+    model, splits, _ = paper_tables.load_text_run(run)
+    valid = splits["valid"]
     d["profile"] = position_profile(model, valid, windows, band)  # checks band
     d["sweep"] = paper_tables.context_sweep(model, valid, contexts, scored,
                                             segments, BATCH)["bits"]

@@ -51,6 +51,7 @@ import yaml
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from benchmarks import ngram  # noqa: E402
 from benchmarks import training as training_bench  # noqa: E402
 from benchmarks.attention import GIB, MIB, machine_description  # noqa: E402
 from benchmarks.attention import _meminfo_kib, proc_status_bytes  # noqa: E402
@@ -198,15 +199,15 @@ def train_run(name: str, config: dict, root: str) -> dict:
 
 
 def load_text_run(run_dir: str) -> tuple:
-  """A trained text run's model, held-out bytes and held-out files.
+  """A trained text run's model, data and held-out files.
 
   Args:
     run_dir: an output directory of `st_keras.train` (model.keras and
       config.json).
 
   Returns:
-    (the SparseTransformer, its held-out bytes as a 1-D uint8 array, the
-    offsets at which the held-out files begin in them).
+    (the SparseTransformer, its {'train', 'valid'} bytes as 1-D uint8
+    arrays, the offsets at which the held-out files begin in 'valid').
   """
   import keras
   from st_keras import config as config_lib
@@ -215,8 +216,9 @@ def load_text_run(run_dir: str) -> tuple:
   model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
   with open(os.path.join(run_dir, "config.json")) as f:
     data_config = config_lib.from_dict(json.load(f)).data
-  valid = train.load_data(data_config)["valid"]
-  return model, valid, train.held_out_file_starts(data_config, valid)
+  splits = train.load_data(data_config)
+  return model, splits, train.held_out_file_starts(data_config,
+                                                   splits["valid"])
 
 
 def segment_ends(size: int, window: int, segments: int,
@@ -295,15 +297,22 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
   return {"bits": results, "scored_bytes": int(ends.size * k)}
 
 
+NGRAM_ORDERS = (1, 2, 3, 4)  # the baselines Table 3 prints
+
+
 def table3_child(spec: dict) -> dict:
   """`context_sweep` of the run spec['run'] (the other keys: its args),
   over all held-out segments and, as 'within_file', over those whose
-  longest window lies inside one held-out file."""
-  model, valid, starts = load_text_run(spec["run"])
-  args = (model, valid, spec["contexts"], spec["scored"], spec["segments"],
-          spec["batch"])
+  longest window lies inside one held-out file; 'ngram_bits' holds the
+  run's data's byte n-gram baselines, {order: bits per byte}."""
+  model, splits, starts = load_text_run(spec["run"])
+  args = (model, splits["valid"], spec["contexts"], spec["scored"],
+          spec["segments"], spec["batch"])
   result = context_sweep(*args)
   result["within_file"] = context_sweep(*args, starts=starts)
+  result["ngram_bits"] = {
+      order: ngram.ngram_bits(splits["train"], splits["valid"], order)
+      for order in NGRAM_ORDERS}
   return result
 
 
@@ -593,6 +602,37 @@ def seconds(value: float) -> str:
   return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def ngram_sentence(baselines: dict, models: dict) -> str:
+  """Where models' bits stand among the byte n-gram baselines.
+
+  Args:
+    baselines: {order (int or its JSON string): bits per byte}.
+    models: {name: held-out bits per byte}.
+
+  Returns:
+    A sentence for RESULTS.md.
+  """
+  bits = {int(order): b for order, b in baselines.items()}
+  orders = sorted(bits)
+  places = []
+  for name, value in models.items():
+    beaten = [o for o in orders if bits[o] > value]
+    if not beaten:
+      place = "worse than every one of them"
+    elif len(beaten) == len(orders):
+      place = "better than every one of them"
+    else:
+      place = (f"between the {max(beaten) - 1}- and {max(beaten)}-byte "
+               f"context models")
+    places.append(f"{name} ({value:.4f}): {place}")
+  return ("For scale, byte n-gram models fitted on the training bytes "
+          "(add-0.05 smoothing, `benchmarks/ngram.py`) score " +
+          " / ".join(f"{bits[o]:.4f}" for o in orders) +
+          " held-out bits per byte with " +
+          " / ".join(str(o - 1) for o in orders) +
+          " bytes of context. " + "; ".join(places) + ".")
+
+
 def is_monotone(values: list) -> bool:
   """Whether values never increase."""
   return all(b <= a for a, b in zip(values, values[1:]))
@@ -710,6 +750,19 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                   for label, bits in sweeps) +
               ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
               "0.9908 at 12,160: more context, fewer bits."]
+    if "ngram_bits" in t3:
+      models = {"this model": t3["run"]["bits"]}
+      if "text" in sections:
+        models.update({f"Table 2's {p}": sections["text"][p]["bits"]
+                       for p in PATTERNS})
+      lines += ["", ngram_sentence(t3["ngram_bits"], models)]
+      best = min(t3["ngram_bits"].values())
+      if t3["run"]["bits"] > best:
+        lines[-1] += (" A model that does not yet match what a few bytes of "
+                      "context give a count model has little use for the "
+                      "thousands a longer window adds: on this budget the "
+                      "curve measures an undertrained model's context use, "
+                      "not the reach of its pattern.")
     if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
                 "`benchmarks/context_use.py`, given this run and Table 2's "

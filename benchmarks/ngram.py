@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 VOCAB = 256
+ALPHA = 0.05  # the additive smoothing of the baselines
 
 
 def _codes(data: np.ndarray, order: int) -> np.ndarray:
@@ -40,7 +41,7 @@ def _counts(table: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def ngram_bits(train: np.ndarray, valid: np.ndarray, order: int,
-               alpha: float = 0.05) -> float:
+               alpha: float = ALPHA) -> float:
   """Held-out bits per byte of an add-alpha byte n-gram model.
 
   p(b | c) = (count(c b) + alpha) / (count(c) + 256 alpha), counted on

@@ -626,7 +626,7 @@ def ngram_sentence(baselines: dict, models: dict) -> str:
                f"context models")
     places.append(f"{name} ({value:.4f}): {place}")
   return ("For scale, byte n-gram models fitted on the training bytes "
-          "(add-0.05 smoothing, `benchmarks/ngram.py`) score " +
+          f"(add-{ngram.ALPHA} smoothing, `benchmarks/ngram.py`) score " +
           " / ".join(f"{bits[o]:.4f}" for o in orders) +
           " held-out bits per byte with " +
           " / ".join(str(o - 1) for o in orders) +

@@ -128,8 +128,8 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   assert all(0 < within["bits"][str(c)] < 8.0 for c in t3["contexts"])
   assert f"| 512 | {t3['bits']['512']:.4f} | " \
       f"{within['bits']['512']:.4f} |" in markdown
-  # The data's byte n-gram baselines put the bits in scale: more context,
-  # fewer bits, from about 8 for an order-1 count model.
+  # The data's byte n-gram baselines put the bits in scale: under the 8
+  # bits of uniform bytes with no context, and fewer with more context.
   grams = [t3["ngram_bits"][str(order)] for order in (1, 2, 3, 4)]
   assert 3.0 < grams[0] < 8.0 and grams == sorted(grams, reverse=True)
   assert " / ".join(f"{b:.4f}" for b in grams) in markdown

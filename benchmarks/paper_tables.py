@@ -751,7 +751,7 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
               "0.9908 at 12,160: more context, fewer bits."]
     if "ngram_bits" in t3:
-      models = {"this model": t3["run"]["bits"]}
+      models = {"The Table 3 model": t3["run"]["bits"]}
       if "text" in sections:
         models.update({f"Table 2's {p}": sections["text"][p]["bits"]
                        for p in PATTERNS})

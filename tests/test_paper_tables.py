@@ -133,7 +133,7 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   grams = [t3["ngram_bits"][str(order)] for order in (1, 2, 3, 4)]
   assert 3.0 < grams[0] < 8.0 and grams == sorted(grams, reverse=True)
   assert " / ".join(f"{b:.4f}" for b in grams) in markdown
-  assert f"this model ({t3['run']['bits']:.4f}): " in markdown
+  assert f"The Table 3 model ({t3['run']['bits']:.4f}): " in markdown
 
 
 def test_segment_ends_spread_evenly_inside_files():

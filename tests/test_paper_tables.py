@@ -106,7 +106,12 @@ def test_quick_table2_trains_all_three_patterns(quick_tables):
       assert steps == sorted(steps) and steps[-1] == r["steps"]
       assert all(math.isfinite(b) for _, b in r["curve"] + r["train_curve"])
       assert f"| {pattern} | {r['bits']:.4f} |" in markdown
+      # The run trained the paper's half-size projections.
+      with open(os.path.join(r["output_dir"], "config.json")) as f:
+        model = json.load(f)["model"]
+      assert (model["ff_multiplier"], model["qk_ratio"]) == (2.0, 0.5)
     assert runs["config"]["model"]["width"] == 64
+  assert "feed-forward x2 and query-key x0.5 of the width" in markdown
 
 
 def test_quick_table3_scores_the_same_bytes(quick_tables):

@@ -10,6 +10,10 @@ TF_COPTS = [
     "-DEIGEN_MAX_ALIGN_BYTES=64",
     "-O3",
     "-march=native",
+    # The Eigen that TF 2.21 ships does not compile its AVX512-FP16 packet
+    # math (PacketMathFP16.h: predux_half_dowto4 has no primary template),
+    # which -march=native turns on for Sapphire Rapids and later Xeons.
+    "-mno-avx512fp16",
     "-fPIC",
 ]
 

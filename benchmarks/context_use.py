@@ -5,7 +5,12 @@ measurements on the run's held-out bytes:
 
 1. the Table 3 sweep of benchmarks/paper_tables.py: the same bytes scored
    with contexts from 1/8 of the training context to all of it;
-2. the position profile: mean bits per byte over bands of positions of
+2. the same sweep in full windows (`context_sweep(full_windows=True)`):
+   the scored bytes keep the window's last positions and only how much of
+   the window is their own context differs. Where the first sweep rises
+   and this one does not, the rise is the scored bytes' later positions,
+   not their longer context;
+3. the position profile: mean bits per byte over bands of positions of
    whole training-length windows, the same windows for every run. A model
    that uses long context predicts later positions better; one that does
    not is flat after the first band, and its profile follows the content of
@@ -88,7 +93,8 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   """The sweep and the profile of every run.
 
   Returns:
-    {'runs': [describe(run) + 'sweep': {context: bits}, 'profile': [bits]],
+    {'runs': [describe(run) + 'sweep', 'full': {context: bits},
+               'profile': [bits]],
      'contexts', 'scored', 'band', 'segments', 'windows'}.
   """
   described = [describe(run) for run in runs]
@@ -103,10 +109,19 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
     model, splits, _ = paper_tables.load_text_run(run)
     valid = splits["valid"]
     d["profile"] = position_profile(model, valid, windows, band)  # checks band
-    d["sweep"] = paper_tables.context_sweep(model, valid, contexts, scored,
-                                            segments, BATCH)["bits"]
+    for key, full in (("sweep", False), ("full", True)):
+      d[key] = paper_tables.context_sweep(model, valid, contexts, scored,
+                                          segments, BATCH,
+                                          full_windows=full)["bits"]
   return {"runs": described, "contexts": contexts, "scored": scored,
           "band": band, "segments": segments, "windows": windows}
+
+
+def sweep_rows(result: dict, key: str) -> list:
+  """Markdown rows of one sweep (key 'sweep' or 'full') of every run."""
+  return [f"| {c:,} | " + " | ".join(
+      f"{r[key][str(c)]:.4f}" for r in result["runs"]) + " |"
+          for c in result["contexts"]]
 
 
 def render(result: dict, command: str, minutes: float) -> str:
@@ -123,10 +138,17 @@ def render(result: dict, command: str, minutes: float) -> str:
       f"- Machine: {machine_description()}", "",
       f"Table 3's sweep: {result['segments']} held-out segments, the last "
       f"{result['scored']} bytes of each scored with every context "
-      "(bits per byte):", "", f"| context | {names} |", rule]
-  for c in result["contexts"]:
-    lines.append(f"| {c:,} | " + " | ".join(
-        f"{r['sweep'][str(c)]:.4f}" for r in runs) + " |")
+      "(bits per byte), in windows of c bytes:", "",
+      f"| context | {names} |", rule]
+  lines += sweep_rows(result, "sweep")
+  n = runs[0]["context"]
+  lines += [
+      "", f"The same sweep in full windows: {n:,} bytes whose last c are "
+      f"the scored bytes' own context and whose first {n:,}-c are another "
+      f"segment's, so every context scores the same bytes at the same, "
+      f"last {result['scored']} positions:", "",
+      f"| context | {names} |", rule]
+  lines += sweep_rows(result, "full")
   lines += [
       "", f"Position profile: {result['windows']} whole windows, mean bits "
       f"per byte of each band of {result['band']} positions:", "",

@@ -75,6 +75,7 @@ class Settings:
   learning_rate: float
   warmup_steps: int
   table3_steps: int         # training steps of the Table 3 model
+  table3_batch: int         # and its windows per step
   table3_segments: int
   image_limit: int | None
   table4_log2: tuple
@@ -87,7 +88,7 @@ class Settings:
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
                 steps=600, image_steps=600, eval_every=50, eval_batches=8,
                 learning_rate=1e-3, warmup_steps=60, table3_steps=2400,
-                table3_segments=512,
+                table3_batch=2, table3_segments=512,
                 image_limit=None, table4_log2=(12, 20),
                 table4_ladder=((2, 64), (2, 128), (4, 128), (8, 128),
                                (8, 256), (16, 256)),
@@ -95,7 +96,7 @@ FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
 QUICK = Settings(width=64, num_layers=2, num_heads=2, text_context=512,
                  steps=8, image_steps=4, eval_every=4, eval_batches=2,
                  learning_rate=1e-3, warmup_steps=2, table3_steps=8,
-                 table3_segments=16,
+                 table3_batch=2, table3_segments=16,
                  image_limit=48, table4_log2=(10, 11),
                  table4_ladder=((1, 64), (2, 64)), table4_time_s=60.0,
                  table4_last_s=120.0,
@@ -256,7 +257,7 @@ def segment_ends(size: int, window: int, segments: int,
 
 
 def context_sweep(model, valid, contexts: list, scored: int, segments: int,
-                  batch: int, starts=None) -> dict:
+                  batch: int, starts=None, full_windows: bool = False) -> dict:
   """Bits per byte of the last positions of windows of growing context.
 
   For segment end e (exclusive) and context c, the model reads bytes
@@ -273,6 +274,15 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
     starts: None, or where each held-out file begins in valid: then only
       segments whose longest window lies inside one file, so that all the
       context a longer window adds is the scored bytes' own file.
+    full_windows: False: the model reads a window of c bytes (the paper's
+      Table 3), so a longer context also moves the scored bytes to later
+      positions. True: it reads windows of n = model.seq_len bytes whose
+      last c are the scored bytes' own context and whose first n - c are
+      the start of another segment's window (the segment half the segments
+      away), like a training window that crosses into a new file. Every c
+      then scores the same bytes at the same positions with as many keys,
+      and only how much of the window is the scored bytes' own text
+      differs.
 
   Returns:
     {'bits': {str(c): bits per byte}, 'scored_bytes': segments x k}.
@@ -282,6 +292,8 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
   k = scored
   ends = segment_ends(valid.size, model.seq_len + 1, segments, starts)
   results = {}
+  n = model.seq_len
+  others = np.roll(ends, ends.size // 2)  # whose windows give the prefixes
   for c in contexts:
     @tf.function
     def scored_nats(x, y):
@@ -290,10 +302,13 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
           tf.nn.sparse_softmax_cross_entropy_with_logits(y[:, -k:], logits))
     total = 0.0
     for start in range(0, ends.size, batch):
-      group = ends[start:start + batch]
-      x = np.stack([valid[e - c - 1:e - 1] for e in group]).astype(np.int32)
-      y = np.stack([valid[e - c:e] for e in group]).astype(np.int32)
-      total += float(scored_nats(x, y))
+      rows = []  # (batch, window + 1): inputs then the last target
+      for e, o in zip(ends[start:start + batch], others[start:start + batch]):
+        own = valid[e - c - 1:e]                      # c + 1 bytes
+        prefix = valid[o - n - 1:o - c - 1] if full_windows else own[:0]
+        rows.append(np.concatenate([prefix, own]))
+      rows = np.stack(rows).astype(np.int32)
+      total += float(scored_nats(rows[:, :-1], rows[:, 1:]))
     results[str(c)] = total / (ends.size * k) / math.log(2.0)
   return {"bits": results, "scored_bytes": int(ends.size * k)}
 
@@ -304,13 +319,17 @@ NGRAM_ORDERS = (1, 2, 3, 4)  # the baselines Table 3 prints
 def table3_child(spec: dict) -> dict:
   """`context_sweep` of the run spec['run'] (the other keys: its args),
   over all held-out segments and, as 'within_file', over those whose
-  longest window lies inside one held-out file; 'ngram_bits' holds the
-  run's data's byte n-gram baselines, {order: bits per byte}."""
+  longest window lies inside one held-out file, and, as
+  'within_file_full', over those again in full windows
+  (`context_sweep(full_windows=True)`); 'ngram_bits' holds the run's
+  data's byte n-gram baselines, {order: bits per byte}."""
   model, splits, starts = load_text_run(spec["run"])
   args = (model, splits["valid"], spec["contexts"], spec["scored"],
           spec["segments"], spec["batch"])
   result = context_sweep(*args)
   result["within_file"] = context_sweep(*args, starts=starts)
+  result["within_file_full"] = context_sweep(*args, starts=starts,
+                                             full_windows=True)
   result["ngram_bits"] = {
       order: ngram.ngram_bits(splits["train"], splits["valid"], order)
       for order in NGRAM_ORDERS}
@@ -385,34 +404,44 @@ def table2(s: Settings, kind: str, root: str, path: str | None = None,
   return runs
 
 
-def table3(s: Settings, root: str, path: str | None = None) -> dict:
+def table3(s: Settings, root: str, path: str | None = None,
+           trained: dict | None = None) -> dict:
   """Trains the Table 3 model and scores it at growing contexts.
 
   The model is Table 2's fixed-pattern text model trained for
-  s.table3_steps steps: using long context is learned late, after the
-  short-range statistics that Table 2's equal-step comparison measures.
+  s.table3_steps steps of s.table3_batch windows: using long context is
+  learned late, after the short-range statistics that Table 2's equal-step
+  comparison measures, and one window per step, all of one file, makes
+  noisy gradients.
+
+  Args:
+    s, root, path: the mode's sizes, the runs directory, the text.
+    trained: None, or the 'run' of an earlier result of this function,
+      whose model is scored again instead of training one.
 
   Returns:
-    The table3 child's result plus contexts, scored, training_context and
-    'run' (the `train_run` result).
+    The table3 child's result plus contexts, scored, training_context,
+    batch and 'run' (the `train_run` result).
   """
   n, k = s.text_context, s.text_context // 8
   config = base_config(s, "text", n, s.table3_steps)
   config["model"].update(pattern_model("fixed", 128))
+  config["data"]["batch_size"] = s.table3_batch
   # Its learning curve is not plotted: a few checkpoints suffice, and each
   # costs an evaluation and a slow first step of the next interval.
   config["train"]["checkpoint_every"] = max(s.eval_every,
                                             s.table3_steps // 12)
   if path:
     config["data"]["path"] = path
-  run = train_run("text_fixed_table3", config, root)
+  run = trained or train_run("text_fixed_table3", config, root)
   contexts = [k * m for m in (1, 2, 3, 4, 6, 8)]
   print("[tables] table 3 ...", flush=True)
   result = python_child("table3", {
       "run": run["output_dir"],
       "contexts": contexts, "scored": k, "segments": s.table3_segments,
       "batch": 4})
-  result.update(contexts=contexts, scored=k, training_context=n, run=run)
+  result.update(contexts=contexts, scored=k, training_context=n,
+                batch=s.table3_batch, run=run)
   return result
 
 
@@ -561,11 +590,14 @@ def plot_curves(path: str, runs: dict, title: str, unit: str) -> str:
 
 def table3_sweeps(t3: dict) -> list:
   """(label, bits per context) of each sweep of a Table 3 result: all
-  held-out segments, and those inside one file when measured."""
+  held-out segments, and those inside one file, in windows of c bytes and in
+  full windows, when measured."""
   sweeps = [("all segments", [t3["bits"][str(c)] for c in t3["contexts"]])]
-  if "within_file" in t3:
-    sweeps.append(("within one file", [t3["within_file"]["bits"][str(c)]
-                                       for c in t3["contexts"]]))
+  for key, label in (("within_file", "within one file"),
+                     ("within_file_full", "within one file, full windows")):
+    if key in t3:
+      sweeps.append((label, [t3[key]["bits"][str(c)]
+                             for c in t3["contexts"]]))
   return sweeps
 
 
@@ -681,10 +713,12 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
            "Produced by `benchmarks/paper_tables.py`; do not edit by hand.", "",
            f"- Command: `{meta['command']}` (a table at a time: "
            f"`--tables NAME`)",
-           "- Run: " + "; ".join(
-               f"{name} {r['date']} ({r['minutes']:.0f} min)"
-               for name, r in sections["runs"].items()),
-           f"- Machine: {meta['machine']}",
+           "- Runs, a table at a time:"] + [
+               f"  - {name} {r['date']} ({r['minutes']:.0f} min"
+               + (f"; scored again {r['rescored']['date']}, "
+                  f"{r['rescored']['minutes']:.0f} min" if "rescored" in r
+                  else "") + f"). Machine: {r['machine']}"
+               for name, r in sections["runs"].items()] + [
            "- TensorFlow children run with TF_ENABLE_ONEDNN_OPTS=1 for every "
            "variant; time per step is the trainer's median (and mean) over "
            "all steps but the first of each checkpoint interval (the median "
@@ -731,7 +765,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     lines += ["## Table 3: held-out bits per byte vs evaluation context", "",
               f"A fixed-pattern text model of Table 2's configuration "
               f"(training context {t3['training_context']}) trained for "
-              f"{t3['run']['steps']} steps, to {t3['run']['bits']:.4f} "
+              f"{t3['run']['steps']} steps of {t3['batch']} windows, to "
+              f"{t3['run']['bits']:.4f} "
               f"held-out bits per byte. Each scored byte is predicted once "
               f"per context: a window of c bytes ends just before it and "
               f"only the last {t3['scored']} positions of each window are "
@@ -747,6 +782,17 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                 f"held-out file, so every byte a longer context adds is of "
                 f"the scored bytes' own file, as in one long text like "
                 f"enwik8."]
+    if "within_file_full" in t3:
+      n = t3["training_context"]
+      lines += [f"- Within one file, full windows: the same bytes, read in "
+                f"windows of {n:,} bytes whose last c bytes are their own "
+                f"context and whose first {n:,}-c are another segment's, "
+                f"like a training window that crosses into a new file. In "
+                f"the columns before, a longer context also moves the "
+                f"scored bytes to later positions and gives them more keys; "
+                f"here they keep the window's last {t3['scored']} positions "
+                f"and only how much of the window is their own text "
+                f"differs."]
     lines += ["", "| evaluation context | " + " | ".join(
         label for label, _ in sweeps) + " |", "|---:|" + "---:|" * len(sweeps)]
     lines += [f"| {c:,} | " + " | ".join(f"{bits[i]:.4f}" for _, bits in
@@ -767,17 +813,26 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
       lines += ["", ngram_sentence(t3["ngram_bits"], models)]
       best = min(t3["ngram_bits"].values())
       if t3["run"]["bits"] > best:
-        lines[-1] += (" A model that does not yet match what a few bytes of "
-                      "context give a count model has little use for the "
-                      "thousands a longer window adds: on this budget the "
+        lines[-1] += (" The model has not yet learned all that a few bytes "
+                      "of context give a count model: on this budget the "
                       "curve measures an undertrained model's context use, "
                       "not the reach of its pattern.")
+    by_label = dict(sweeps)
+    full = by_label.get("within one file, full windows")
+    short = by_label.get("within one file")
+    if full and is_monotone(full) and not is_monotone(short):
+      lines += ["", "In windows of c bytes the longest contexts cost bits; "
+                "in full windows, with the scored bytes' positions held, "
+                "no more of their own context costs bits. So the rise is "
+                "what the later positions a longer window gives the scored "
+                "bytes cost this model, not their longer context."]
     if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
                 "`benchmarks/context_use.py`, given this run and Table 2's "
                 "text runs, shows whether the models use their context at "
-                "all: its sweep and per-position profile of each model, the "
-                "dense one included (BENCHMARKS.md, \"Context use of trained "
+                "all: its sweeps in windows of c bytes and in full windows "
+                "and the per-position profile of each model, the dense one "
+                "included (BENCHMARKS.md, \"Context use of trained "
                 "text models\")."]
     lines += [""]
   if "table4" in sections:
@@ -844,6 +899,10 @@ def main(argv=None) -> int:
                       f"{','.join(TABLES)}; the others keep their results "
                       "from the output directory's results.json (an empty "
                       "list only redraws RESULTS.md and the plots)")
+  parser.add_argument("--rescore-table3", action="store_true",
+                      help="score Table 3 again on the model its last run "
+                      "trained (in results.json and the runs directory) "
+                      "instead of training it again")
   args = parser.parse_args(argv)
   if args.child:
     print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
@@ -864,6 +923,15 @@ def main(argv=None) -> int:
   if not tables and not os.path.exists(results_path):
     parser.error(f"--tables is empty (redraw only) but {results_path} does "
                  f"not exist")
+  trained = None  # the Table 3 run to score again
+  if args.rescore_table3:
+    if "table3" in tables and os.path.exists(results_path):
+      with open(results_path) as f:
+        trained = json.load(f).get("table3", {}).get("run")
+    if not trained or not os.path.exists(
+        os.path.join(trained["output_dir"], "model.keras")):
+      parser.error("--rescore-table3 needs --tables with table3 and a "
+                   f"trained Table 3 run in {results_path}")
   os.makedirs(out, exist_ok=True)
   sections = {}
   if tables != set(TABLES) and os.path.exists(results_path):
@@ -889,7 +957,8 @@ def main(argv=None) -> int:
       else:
         sections.pop("enwik8", None)
     elif table == "table3":
-      sections["table3"] = table3(s, runs_root, path=s.text_path)
+      sections["table3"] = table3(s, runs_root, path=s.text_path,
+                                  trained=trained)
     elif table == "images":
       digits = os.path.join(runs_root, "digits-cifar")
       limit = ["--limit", str(s.image_limit), "--test", "16"] if (
@@ -901,9 +970,13 @@ def main(argv=None) -> int:
                                   stride=96)
     else:
       sections["table4"] = table4(s)
-    sections["runs"][table] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "minutes": (time.monotonic() - start) / 60}
+    run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "minutes": (time.monotonic() - start) / 60,
+           "machine": machine_description()}
+    if table == "table3" and trained:  # the training run's entry stays
+      sections["runs"][table]["rescored"] = run
+    else:
+      sections["runs"][table] = run
     write_results(results_path, sections)  # a later failure keeps this one
   # Plots are drawn from the results, so kept tables keep theirs too.
   for name, title, unit in (
@@ -924,7 +997,7 @@ def main(argv=None) -> int:
   plots = {k: os.path.basename(v) for k, v in plots.items()}
   meta = {"command": "PYTHONPATH=. .venv/bin/python benchmarks/"
                      "paper_tables.py" + (" --quick" if args.quick else ""),
-          "machine": machine_description(), "manifest": manifest,
+          "manifest": manifest,
           "ladder": ", ".join(f"{l} x {w}" for l, w in s.table4_ladder),
           "time_s": s.table4_time_s, "last_s": s.table4_last_s}
   text = render(meta, sections, plots)

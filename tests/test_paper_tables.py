@@ -90,6 +90,12 @@ def test_quick_tables_write_every_table(quick_tables):
     with open(out / name, "rb") as f:
       assert f.read(8) == PNG_MAGIC, name
     assert f"]({name})" in markdown
+  # Each table names the machine it ran on.
+  machine = paper_tables.machine_description()
+  for name, run in results["runs"].items():
+    assert run["machine"] == machine, name
+    assert f"  - {name} {run['date']} " in markdown
+  assert f"Machine: {machine}" in markdown
 
 
 def test_quick_table2_trains_all_three_patterns(quick_tables):
@@ -119,10 +125,16 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   t3 = results["table3"]
   assert t3["contexts"] == [64, 128, 192, 256, 384, 512]
   assert t3["scored_bytes"] == 16 * 64
-  # Its own model: the fixed pattern, trained for table3_steps.
+  # Its own model: the fixed pattern, trained for table3_steps of
+  # table3_batch windows.
   assert t3["run"]["steps"] == 8 and t3["run"]["output_dir"].endswith(
       "text_fixed_table3")
-  assert f"trained for 8 steps, to {t3['run']['bits']:.4f}" in markdown
+  with open(os.path.join(t3["run"]["output_dir"], "config.json")) as f:
+    config = json.load(f)
+  assert config["model"]["pattern"] == "fixed"
+  assert config["data"]["batch_size"] == t3["batch"] == 2
+  assert f"trained for 8 steps of 2 windows, to {t3['run']['bits']:.4f}" \
+      in markdown
   assert all(0 < t3["bits"][str(c)] < 8.0 for c in t3["contexts"])
   # Different contexts give different predictions of the same bytes.
   assert len({round(v, 6) for v in t3["bits"].values()}) > 1
@@ -131,14 +143,50 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   within = t3["within_file"]
   assert within["scored_bytes"] == 16 * 64
   assert all(0 < within["bits"][str(c)] < 8.0 for c in t3["contexts"])
+  # And in full windows: at the full context, the same windows.
+  full = t3["within_file_full"]
+  assert full["scored_bytes"] == 16 * 64
+  assert full["bits"]["512"] == pytest.approx(within["bits"]["512"],
+                                              rel=1e-6)
+  assert any(full["bits"][str(c)] != within["bits"][str(c)]
+             for c in t3["contexts"][:-1])
   assert f"| 512 | {t3['bits']['512']:.4f} | " \
-      f"{within['bits']['512']:.4f} |" in markdown
+      f"{within['bits']['512']:.4f} | {full['bits']['512']:.4f} |" \
+      in markdown
+  assert "within one file, full windows" in markdown
   # The data's byte n-gram baselines put the bits in scale: under the 8
   # bits of uniform bytes with no context, and fewer with more context.
   grams = [t3["ngram_bits"][str(order)] for order in (1, 2, 3, 4)]
   assert 3.0 < grams[0] < 8.0 and grams == sorted(grams, reverse=True)
   assert " / ".join(f"{b:.4f}" for b in grams) in markdown
   assert f"The Table 3 model ({t3['run']['bits']:.4f}): " in markdown
+
+
+@pytest.mark.parametrize("full_rises", [False, True])
+def test_table3_text_says_a_rise_is_positional_only_when_it_is(full_rises):
+  contexts = [64, 128, 256, 512]
+  start = [3.2, 3.1, 3.05, 3.08]  # rises at the longest context
+  full = [3.4, 3.2, 3.1, 3.08] if not full_rises else [3.4, 3.0, 3.1, 3.08]
+
+  def sweep(bits):
+    return {"bits": {str(c): b for c, b in zip(contexts, bits)},
+            "scored_bytes": 1024}
+
+  t3 = dict(sweep([3.3, 3.2, 3.1, 3.15]), contexts=contexts, scored=64,
+            training_context=512, batch=2, run={"steps": 8, "bits": 3.1},
+            within_file=sweep(start), within_file_full=sweep(full))
+  markdown = paper_tables.render(
+      {"command": "c", "manifest": "m.json"},
+      {"runs": {"table3": {"date": "d", "minutes": 1.0, "machine": "cpu"}},
+       "table3": t3}, {"table3": "t3.png"})
+  assert "  - table3 d (1 min). Machine: cpu" in markdown
+  assert "| 512 | 3.1500 | 3.0800 | 3.0800 |" in markdown
+  verdicts = ("within one file no (3.2000 -> 3.0800); within one file, "
+              f"full windows {'no' if full_rises else 'yes'} "
+              "(3.4000 -> 3.0800)")
+  assert verdicts in markdown
+  positional = "So the rise is what the later positions"
+  assert (positional in markdown) == (not full_rises)
 
 
 def test_segment_ends_spread_evenly_inside_files():
@@ -230,6 +278,31 @@ def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
   assert all(f"{name} " in markdown for name in results["runs"])
 
 
+def test_quick_tables_rescore_table3_without_training(quick_tables,
+                                                      tmp_path):
+  _, results, _ = quick_tables
+  with open(tmp_path / "results.json", "w") as f:
+    json.dump(results, f)
+  model = os.path.join(results["table3"]["run"]["output_dir"], "model.keras")
+  trained_at = os.path.getmtime(model)
+  result = run_tables("--quick", "--tables", "table3", "--rescore-table3",
+                      "--output-dir", str(tmp_path), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "[tables] training" not in result.stdout
+  assert os.path.getmtime(model) == trained_at  # not trained again
+  with open(tmp_path / "results.json") as f:
+    again = json.load(f)
+  assert again["table3"]["run"] == results["table3"]["run"]
+  for key in ("within_file", "within_file_full"):
+    for c, bits in results["table3"][key]["bits"].items():
+      assert again["table3"][key]["bits"][c] == pytest.approx(bits, rel=1e-5)
+  entry = again["runs"]["table3"]
+  assert entry["date"] == results["runs"]["table3"]["date"]
+  assert entry["rescored"]["date"] >= entry["date"]
+  assert f"; scored again {entry['rescored']['date']}, " in (
+      tmp_path / "RESULTS.md").read_text()
+
+
 def test_quick_tables_redraw_only(quick_tables, tmp_path):
   out, results, markdown = quick_tables
   with open(tmp_path / "results.json", "w") as f:
@@ -273,11 +346,23 @@ def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
   markdown = (tmp_path / "B.md").read_text()
   assert "text_fixed_table3 (fixed, 8 steps) | text_dense (dense, 8 steps)" \
       in markdown
-  rows = {line.split(" | ")[0]: line.strip(" |").split(" | ")[1:]
-          for line in markdown.splitlines() if line.startswith("| ")}
+  sweep, full = markdown.split("The same sweep in full windows")
+
+  def table(text):
+    return {line.split(" | ")[0]: line.strip(" |").split(" | ")[1:]
+            for line in text.splitlines() if line.startswith("| ")}
+
+  rows, full = table(sweep), table(full.split("Position profile")[0])
+  contexts = results["table3"]["contexts"]
   # The sweep of the Table 3 run is Table 3 (16 segments in --quick).
-  for c in results["table3"]["contexts"]:
+  for c in contexts:
     assert rows[f"| {c:,}"][0] == f"{results['table3']['bits'][str(c)]:.4f}"
+    assert all(0 < float(v) < 8 for v in full[f"| {c:,}"])
+  # At the full context both read the same windows; at shorter ones the
+  # full windows place the scored bytes later, after a foreign prefix.
+  assert full["| 512"] == rows["| 512"]
+  assert any(full[f"| {c:,}"] != rows[f"| {c:,}"] for c in contexts[:-1])
+  rows = table(markdown)
   # Four bands of 128 positions of the 512-byte windows, two runs each.
   bands = [rows[f"| {b * 128}-{b * 128 + 127}"] for b in range(4)]
   assert all(len(r) == 2 and all(0 < float(v) < 8 for v in r)
@@ -296,7 +381,10 @@ def test_tables_argument_errors(tmp_path):
                         (["--tables", "bogus", "--output-dir",
                           str(tmp_path)], "unknown ['bogus']"),
                         (["--tables", "", "--output-dir", str(missing)],
-                         "does not exist")):
+                         "does not exist"),
+                        (["--tables", "text", "--rescore-table3",
+                          "--output-dir", str(missing)],
+                         "--rescore-table3 needs --tables with table3")):
     result = run_tables(*args, timeout=120)
     assert result.returncode == 2 and message in result.stderr, args
   assert not missing.exists()  # a refused redraw creates nothing

@@ -305,7 +305,7 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
       rows = []  # (batch, window + 1): inputs then the last target
       for e, o in zip(ends[start:start + batch], others[start:start + batch]):
         own = valid[e - c - 1:e]                      # c + 1 bytes
-        prefix = valid[o - n - 1:o - c - 1] if full_windows else own[:0]
+        prefix = valid[o - n - 1:o - c - 1] if full_windows else valid[:0]
         rows.append(np.concatenate([prefix, own]))
       rows = np.stack(rows).astype(np.int32)
       total += float(scored_nats(rows[:, :-1], rows[:, 1:]))
@@ -434,6 +434,8 @@ def table3(s: Settings, root: str, path: str | None = None,
   if path:
     config["data"]["path"] = path
   run = trained or train_run("text_fixed_table3", config, root)
+  with open(os.path.join(run["output_dir"], "config.json")) as f:
+    batch = json.load(f)["data"]["batch_size"]  # a rescored run's own
   contexts = [k * m for m in (1, 2, 3, 4, 6, 8)]
   print("[tables] table 3 ...", flush=True)
   result = python_child("table3", {
@@ -441,7 +443,7 @@ def table3(s: Settings, root: str, path: str | None = None,
       "contexts": contexts, "scored": k, "segments": s.table3_segments,
       "batch": 4})
   result.update(contexts=contexts, scored=k, training_context=n,
-                batch=s.table3_batch, run=run)
+                batch=batch, run=run)
   return result
 
 

@@ -12,8 +12,10 @@ TF_COPTS = [
     "-march=native",
     # The Eigen that TF 2.21 ships does not compile its AVX512-FP16 packet
     # math (PacketMathFP16.h: predux_half_dowto4 has no primary template),
-    # which -march=native turns on for Sapphire Rapids and later Xeons.
-    "-mno-avx512fp16",
+    # which it enables when -march=native defines __AVX512FP16__ (Sapphire
+    # Rapids and later Xeons). Undefining the macro keeps Eigen off that
+    # path with every compiler; -mno-avx512fp16 would fail before GCC 12.
+    "-U__AVX512FP16__",
     "-fPIC",
 ]
 

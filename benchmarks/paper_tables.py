@@ -87,7 +87,7 @@ class Settings:
 
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
                 steps=600, image_steps=600, eval_every=50, eval_batches=8,
-                learning_rate=1e-3, warmup_steps=60, table3_steps=2400,
+                learning_rate=1e-3, warmup_steps=60, table3_steps=4800,
                 table3_batch=2, table3_segments=512,
                 image_limit=None, table4_log2=(12, 20),
                 table4_ladder=((2, 64), (2, 128), (4, 128), (8, 128),
@@ -285,22 +285,25 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
       differs.
 
   Returns:
-    {'bits': {str(c): bits per byte}, 'scored_bytes': segments x k}.
+    {'bits': {str(c): bits per byte}, 'step_se': {str(c): the standard
+    error of bits(c) - bits(the context before c) over the segments, for
+    every c but the first}, 'scored_bytes': segments x k}. The errors are
+    paired: both contexts score the same bytes.
   """
   import numpy as np
   import tensorflow as tf
   k = scored
   ends = segment_ends(valid.size, model.seq_len + 1, segments, starts)
-  results = {}
+  results, step_se, previous = {}, {}, None
   n = model.seq_len
   others = np.roll(ends, ends.size // 2)  # whose windows give the prefixes
   for c in contexts:
     @tf.function
     def scored_nats(x, y):
       logits = model(x)[:, -k:]                    # (batch, k, 256)
-      return tf.reduce_sum(
-          tf.nn.sparse_softmax_cross_entropy_with_logits(y[:, -k:], logits))
-    total = 0.0
+      return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          y[:, -k:], logits), axis=1)              # (batch,)
+    nats = []
     for start in range(0, ends.size, batch):
       rows = []  # (batch, window + 1): inputs then the last target
       for e, o in zip(ends[start:start + batch], others[start:start + batch]):
@@ -308,9 +311,15 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
         prefix = valid[o - n - 1:o - c - 1] if full_windows else valid[:0]
         rows.append(np.concatenate([prefix, own]))
       rows = np.stack(rows).astype(np.int32)
-      total += float(scored_nats(rows[:, :-1], rows[:, 1:]))
-    results[str(c)] = total / (ends.size * k) / math.log(2.0)
-  return {"bits": results, "scored_bytes": int(ends.size * k)}
+      nats.append(scored_nats(rows[:, :-1], rows[:, 1:]).numpy())
+    bits = np.concatenate(nats).astype(np.float64) / (k * math.log(2.0))
+    results[str(c)] = float(bits.mean())             # bits: (segments,)
+    if previous is not None:
+      step_se[str(c)] = float(np.std(bits - previous, ddof=1) /
+                              math.sqrt(bits.size))
+    previous = bits
+  return {"bits": results, "step_se": step_se,
+          "scored_bytes": int(ends.size * k)}
 
 
 NGRAM_ORDERS = (1, 2, 3, 4)  # the baselines Table 3 prints
@@ -590,17 +599,41 @@ def plot_curves(path: str, runs: dict, title: str, unit: str) -> str:
   return _save(plt, fig, path)
 
 
-def table3_sweeps(t3: dict) -> list:
-  """(label, bits per context) of each sweep of a Table 3 result: all
+def table3_results(t3: dict) -> list:
+  """(label, `context_sweep` result) of each sweep of a Table 3 result: all
   held-out segments, and those inside one file, in windows of c bytes and in
   full windows, when measured."""
-  sweeps = [("all segments", [t3["bits"][str(c)] for c in t3["contexts"]])]
+  results = [("all segments", t3)]
   for key, label in (("within_file", "within one file"),
                      ("within_file_full", "within one file, full windows")):
     if key in t3:
-      sweeps.append((label, [t3[key]["bits"][str(c)]
-                             for c in t3["contexts"]]))
-  return sweeps
+      results.append((label, t3[key]))
+  return results
+
+
+def table3_sweeps(t3: dict) -> list:
+  """(label, bits per context) of each sweep of a Table 3 result."""
+  return [(label, [r["bits"][str(c)] for c in t3["contexts"]])
+          for label, r in table3_results(t3)]
+
+
+def table3_steps_markdown(t3: dict) -> list:
+  """Lines of a table of each sweep's change from one context to the next,
+  with its paired standard error; none for results measured without."""
+  results = table3_results(t3)
+  if not all("step_se" in r for _, r in results):
+    return []
+  segments = t3["scored_bytes"] // t3["scored"]
+  lines = ["", f"Change from the context before, with its standard error "
+           f"over the {segments} segments (paired: both contexts score the "
+           f"same bytes):", "",
+           "| contexts | " + " | ".join(label for label, _ in results) +
+           " |", "|---|" + "---:|" * len(results)]
+  for before, c in zip(t3["contexts"], t3["contexts"][1:]):
+    cells = [f"{r['bits'][str(c)] - r['bits'][str(before)]:+.4f} ± "
+             f"{r['step_se'][str(c)]:.4f}" for _, r in results]
+    lines.append(f"| {before:,} -> {c:,} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def plot_table3(path: str, t3: dict) -> str:
@@ -800,6 +833,7 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     lines += [f"| {c:,} | " + " | ".join(f"{bits[i]:.4f}" for _, bits in
                                           sweeps) + " |"
               for i, c in enumerate(t3["contexts"])]
+    lines += table3_steps_markdown(t3)
     lines += ["", f"![table 3]({plots['table3']})", "",
               "Monotone non-increasing: " + "; ".join(
                   f"{label} {'yes' if is_monotone(bits) else 'no'} "

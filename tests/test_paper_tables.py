@@ -154,6 +154,15 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
       f"{within['bits']['512']:.4f} | {full['bits']['512']:.4f} |" \
       in markdown
   assert "within one file, full windows" in markdown
+  # Each change between neighbouring contexts carries its standard error.
+  for sweep in (t3, within, full):
+    assert sorted(sweep["step_se"], key=int) == [
+        str(c) for c in t3["contexts"][1:]]
+    assert all(0 < se < 1 for se in sweep["step_se"].values())
+  row = " | ".join(f"{r['bits']['128'] - r['bits']['64']:+.4f} ± "
+                   f"{r['step_se']['128']:.4f}" for r in (t3, within, full))
+  assert "over the 16 segments (paired" in markdown
+  assert f"| 64 -> 128 | {row} |" in markdown
   # The data's byte n-gram baselines put the bits in scale: under the 8
   # bits of uniform bytes with no context, and fewer with more context.
   grams = [t3["ngram_bits"][str(order)] for order in (1, 2, 3, 4)]
@@ -187,6 +196,8 @@ def test_table3_text_says_a_rise_is_positional_only_when_it_is(full_rises):
   assert verdicts in markdown
   positional = "So the rise is what the later positions"
   assert (positional in markdown) == (not full_rises)
+  # Results measured without standard errors get no table of changes.
+  assert "Change from the context before" not in markdown
 
 
 def test_segment_ends_spread_evenly_inside_files():
@@ -209,6 +220,57 @@ def test_segment_ends_spread_evenly_inside_files():
   assert (plain[0], plain[-1]) == (window, size)
   with pytest.raises(ValueError, match="within one held-out file"):
     paper_tables.segment_ends(size, window, len(possible) + 1, starts)
+
+
+class CountingModel:
+  """A stand-in model whose logits at position t are log(1 + the count of
+  each byte among inputs 0..t): every byte of the window moves them."""
+  seq_len = 64
+
+  def __call__(self, x):
+    import tensorflow as tf
+    seen = tf.cumsum(tf.one_hot(x, 256), axis=1)  # (batch, n, 256)
+    return tf.math.log1p(seen)
+
+
+def counting_bits(x, y, k):
+  """Independent float64 reference: the CountingModel's bits per byte on
+  the last k targets y of inputs x."""
+  logits = np.log1p(np.cumsum(np.eye(256)[x], axis=0))   # (n, 256)
+  top = logits.max(axis=1, keepdims=True)
+  log_p = logits - top - np.log(np.exp(logits - top).sum(axis=1,
+                                                          keepdims=True))
+  return -log_p[np.arange(y.size), y][-k:].mean() / math.log(2.0)
+
+
+@pytest.mark.parametrize("full_windows", [False, True])
+def test_context_sweep_matches_a_float64_reference(full_windows):
+  rng = np.random.default_rng()
+  valid = rng.integers(0, 12, 3000).astype(np.uint8)
+  contexts, k, segments = [16, 32, 48, 64], 16, 23
+  sweep = paper_tables.context_sweep(CountingModel(), valid, contexts, k,
+                                     segments, batch=5,
+                                     full_windows=full_windows)
+  ends = paper_tables.segment_ends(valid.size, 65, segments)
+  others = np.roll(ends, segments // 2)
+  per_context = []  # (segments,) bits per byte of each context
+  for c in contexts:
+    bits = []
+    for e, o in zip(ends, others):
+      row = valid[e - c - 1:e]
+      if full_windows:  # another segment's bytes fill the window
+        row = np.concatenate([valid[o - 65:o - c - 1], row])
+        assert row.size == 65
+      bits.append(counting_bits(row[:-1], row[1:], k))
+    per_context.append(np.array(bits))
+  assert sweep["scored_bytes"] == segments * k
+  for c, bits in zip(contexts, per_context):
+    assert sweep["bits"][str(c)] == pytest.approx(bits.mean(), rel=1e-5)
+  assert sorted(sweep["step_se"], key=int) == [str(c) for c in contexts[1:]]
+  for c, before, after in zip(contexts[1:], per_context, per_context[1:]):
+    se = np.std(after - before, ddof=1) / math.sqrt(segments)
+    assert se > 0
+    assert sweep["step_se"][str(c)] == pytest.approx(se, rel=1e-3)
 
 
 def test_table4_predicts_steps_from_a_measured_model():

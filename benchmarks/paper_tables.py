@@ -87,7 +87,7 @@ class Settings:
 
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
                 steps=600, image_steps=600, eval_every=50, eval_batches=8,
-                learning_rate=1e-3, warmup_steps=60, table3_steps=4800,
+                learning_rate=1e-3, warmup_steps=60, table3_steps=4000,
                 table3_batch=2, table3_segments=512,
                 image_limit=None, table4_log2=(12, 20),
                 table4_ladder=((2, 64), (2, 128), (4, 128), (8, 128),
@@ -712,6 +712,51 @@ def is_monotone(values: list) -> bool:
   return all(b <= a for a, b in zip(values, values[1:]))
 
 
+# A rise of the Table 3 curve counts as measured when it is over this many
+# of its paired standard errors; a smaller one is within the noise.
+RISE_STANDARD_ERRORS = 2.0
+
+
+def table3_rises(result: dict, contexts: list) -> list:
+  """Where a Table 3 sweep's bits rise from one context to the next.
+
+  Args:
+    result: a `context_sweep` result (bits, and step_se where measured).
+    contexts: the sweep's contexts, ascending.
+
+  Returns:
+    (context before, context, change, its standard error or None, whether
+    the rise is over RISE_STANDARD_ERRORS standard errors; without one,
+    every rise is) for each rise.
+  """
+  rises = []
+  for before, c in zip(contexts, contexts[1:]):
+    change = result["bits"][str(c)] - result["bits"][str(before)]
+    if change > 0:
+      se = result.get("step_se", {}).get(str(c))
+      rises.append((before, c, change, se,
+                    se is None or change > RISE_STANDARD_ERRORS * se))
+  return rises
+
+
+def table3_verdict(label: str, result: dict, contexts: list) -> str:
+  """'label yes (first -> last)' for a monotone sweep, else 'label no'
+  with each rise, its standard error and whether it is within the noise."""
+  bits = [result["bits"][str(c)] for c in contexts]
+  rises = table3_rises(result, contexts)
+  span = f"{bits[0]:.4f} -> {bits[-1]:.4f}"
+  if not rises:
+    return f"{label} yes ({span})"
+  steps = []
+  for before, c, change, se, measured in rises:
+    step = f"{before:,} -> {c:,} {change:+.4f}"
+    if se is not None:
+      step += (f" ± {se:.4f}" + ("" if measured else
+               f", under {RISE_STANDARD_ERRORS:g} standard errors"))
+    steps.append(step)
+  return f"{label} no ({span}; rises {', '.join(steps)})"
+
+
 def table2_markdown(title: str, runs: dict, unit: str, plot: str,
                     paper: str) -> list:
   """Table 2 rows for one data set."""
@@ -836,9 +881,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     lines += table3_steps_markdown(t3)
     lines += ["", f"![table 3]({plots['table3']})", "",
               "Monotone non-increasing: " + "; ".join(
-                  f"{label} {'yes' if is_monotone(bits) else 'no'} "
-                  f"({bits[0]:.4f} -> {bits[-1]:.4f})"
-                  for label, bits in sweeps) +
+                  table3_verdict(label, r, t3["contexts"])
+                  for label, r in table3_results(t3)) +
               ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
               "0.9908 at 12,160: more context, fewer bits."]
     if "ngram_bits" in t3:
@@ -853,15 +897,20 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                       "of context give a count model: on this budget the "
                       "curve measures an undertrained model's context use, "
                       "not the reach of its pattern.")
-    by_label = dict(sweeps)
-    full = by_label.get("within one file, full windows")
-    short = by_label.get("within one file")
-    if full and is_monotone(full) and not is_monotone(short):
+    # The rises over the noise, per sweep.
+    measured = {label: [rise for rise in table3_rises(r, t3["contexts"])
+                        if rise[-1]]
+                for label, r in table3_results(t3)}
+    full_label = "within one file, full windows"
+    if measured.get(full_label) == [] and measured.get("within one file"):
+      noise = ("" if is_monotone(dict(sweeps)[full_label]) else
+               f" by more than {RISE_STANDARD_ERRORS:g} standard errors")
       lines += ["", "In windows of c bytes the longest contexts cost bits; "
                 "in full windows, with the scored bytes' positions held, "
-                "no more of their own context costs bits. So the rise is "
-                "what the later positions a longer window gives the scored "
-                "bytes cost this model, not their longer context."]
+                f"no more of their own context costs bits{noise}. So the "
+                "rise is what the later positions a longer window gives "
+                "the scored bytes cost this model, not their longer "
+                "context."]
     if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
                 "`benchmarks/context_use.py`, given this run and Table 2's "

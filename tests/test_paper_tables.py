@@ -171,15 +171,29 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
   assert f"The Table 3 model ({t3['run']['bits']:.4f}): " in markdown
 
 
-@pytest.mark.parametrize("full_rises", [False, True])
-def test_table3_text_says_a_rise_is_positional_only_when_it_is(full_rises):
+@pytest.mark.parametrize("full,se,verdict,positional", [
+    # Full windows fall at every context: the rise of the short windows is
+    # the later positions'.
+    ([3.4, 3.2, 3.1, 3.08], None, "yes (3.4000 -> 3.0800)", ""),
+    # Full windows rise once, within the noise: still the positions'.
+    ([3.4, 3.2, 3.08, 3.081], 0.002,
+     "no (3.4000 -> 3.0810; rises 256 -> 512 +0.0010 ± 0.0020, under 2 "
+     "standard errors)", " by more than 2 standard errors"),
+    # Full windows rise by more than the noise: more context costs bits.
+    ([3.4, 3.0, 3.1, 3.08], 0.002,
+     "no (3.4000 -> 3.0800; rises 128 -> 256 +0.1000 ± 0.0020)", None),
+])
+def test_table3_text_says_a_rise_is_positional_only_when_it_is(
+    full, se, verdict, positional):
   contexts = [64, 128, 256, 512]
   start = [3.2, 3.1, 3.05, 3.08]  # rises at the longest context
-  full = [3.4, 3.2, 3.1, 3.08] if not full_rises else [3.4, 3.0, 3.1, 3.08]
 
   def sweep(bits):
-    return {"bits": {str(c): b for c, b in zip(contexts, bits)},
-            "scored_bytes": 1024}
+    result = {"bits": {str(c): b for c, b in zip(contexts, bits)},
+              "scored_bytes": 1024}
+    if se is not None:
+      result["step_se"] = {str(c): se for c in contexts[1:]}
+    return result
 
   t3 = dict(sweep([3.3, 3.2, 3.1, 3.15]), contexts=contexts, scored=64,
             training_context=512, batch=2, run={"steps": 8, "bits": 3.1},
@@ -189,15 +203,18 @@ def test_table3_text_says_a_rise_is_positional_only_when_it_is(full_rises):
       {"runs": {"table3": {"date": "d", "minutes": 1.0, "machine": "cpu"}},
        "table3": t3}, {"table3": "t3.png"})
   assert "  - table3 d (1 min). Machine: cpu" in markdown
-  assert "| 512 | 3.1500 | 3.0800 | 3.0800 |" in markdown
-  verdicts = ("within one file no (3.2000 -> 3.0800); within one file, "
-              f"full windows {'no' if full_rises else 'yes'} "
-              "(3.4000 -> 3.0800)")
-  assert verdicts in markdown
-  positional = "So the rise is what the later positions"
-  assert (positional in markdown) == (not full_rises)
+  assert f"| 512 | 3.1500 | 3.0800 | {full[-1]:.4f} |" in markdown
+  within = "within one file no (3.2000 -> 3.0800; rises 256 -> 512 +0.0300"
+  assert within in markdown
+  assert f"; within one file, full windows {verdict}. " in markdown
+  rise = ("in full windows, with the scored bytes' positions held, no more "
+          "of their own context costs bits")
+  if positional is None:
+    assert rise not in markdown
+  else:
+    assert f"{rise}{positional}. So the rise is what the later" in markdown
   # Results measured without standard errors get no table of changes.
-  assert "Change from the context before" not in markdown
+  assert ("Change from the context before" in markdown) == (se is not None)
 
 
 def test_segment_ends_spread_evenly_inside_files():

@@ -617,6 +617,14 @@ def table3_sweeps(t3: dict) -> list:
           for label, r in table3_results(t3)]
 
 
+def table3_changes(result: dict, contexts: list) -> list:
+  """(context before, context, change in bits, its paired standard error or
+  None where not measured) for each step of a Table 3 sweep."""
+  se = result.get("step_se", {})
+  return [(before, c, result["bits"][str(c)] - result["bits"][str(before)],
+           se.get(str(c))) for before, c in zip(contexts, contexts[1:])]
+
+
 def table3_steps_markdown(t3: dict) -> list:
   """Lines of a table of each sweep's change from one context to the next,
   with its paired standard error; none for results measured without."""
@@ -629,9 +637,10 @@ def table3_steps_markdown(t3: dict) -> list:
            f"same bytes):", "",
            "| contexts | " + " | ".join(label for label, _ in results) +
            " |", "|---|" + "---:|" * len(results)]
-  for before, c in zip(t3["contexts"], t3["contexts"][1:]):
-    cells = [f"{r['bits'][str(c)] - r['bits'][str(before)]:+.4f} ± "
-             f"{r['step_se'][str(c)]:.4f}" for _, r in results]
+  columns = [table3_changes(r, t3["contexts"]) for _, r in results]
+  for steps in zip(*columns):
+    before, c = steps[0][:2]
+    cells = [f"{change:+.4f} ± {se:.4f}" for _, _, change, se in steps]
     lines.append(f"| {before:,} -> {c:,} | " + " | ".join(cells) + " |")
   return lines
 
@@ -725,25 +734,20 @@ def table3_rises(result: dict, contexts: list) -> list:
     contexts: the sweep's contexts, ascending.
 
   Returns:
-    (context before, context, change, its standard error or None, whether
-    the rise is over RISE_STANDARD_ERRORS standard errors; without one,
-    every rise is) for each rise.
+    The `table3_changes` entries whose change is positive, each with a
+    fifth item: whether the rise is over RISE_STANDARD_ERRORS standard
+    errors (without one, every rise is).
   """
-  rises = []
-  for before, c in zip(contexts, contexts[1:]):
-    change = result["bits"][str(c)] - result["bits"][str(before)]
-    if change > 0:
-      se = result.get("step_se", {}).get(str(c))
-      rises.append((before, c, change, se,
-                    se is None or change > RISE_STANDARD_ERRORS * se))
-  return rises
+  return [(before, c, change, se,
+           se is None or change > RISE_STANDARD_ERRORS * se)
+          for before, c, change, se in table3_changes(result, contexts)
+          if change > 0]
 
 
-def table3_verdict(label: str, result: dict, contexts: list) -> str:
-  """'label yes (first -> last)' for a monotone sweep, else 'label no'
-  with each rise, its standard error and whether it is within the noise."""
-  bits = [result["bits"][str(c)] for c in contexts]
-  rises = table3_rises(result, contexts)
+def table3_verdict(label: str, bits: list, rises: list) -> str:
+  """'label yes (first -> last)' for a sweep without rises, else 'label no'
+  with each rise (`table3_rises`), its standard error and whether it is
+  within the noise."""
   span = f"{bits[0]:.4f} -> {bits[-1]:.4f}"
   if not rises:
     return f"{label} yes ({span})"
@@ -879,10 +883,12 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                                           sweeps) + " |"
               for i, c in enumerate(t3["contexts"])]
     lines += table3_steps_markdown(t3)
+    rises = {label: table3_rises(r, t3["contexts"])
+             for label, r in table3_results(t3)}
     lines += ["", f"![table 3]({plots['table3']})", "",
               "Monotone non-increasing: " + "; ".join(
-                  table3_verdict(label, r, t3["contexts"])
-                  for label, r in table3_results(t3)) +
+                  table3_verdict(label, bits, rises[label])
+                  for label, bits in sweeps) +
               ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
               "0.9908 at 12,160: more context, fewer bits."]
     if "ngram_bits" in t3:
@@ -898,12 +904,11 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                       "curve measures an undertrained model's context use, "
                       "not the reach of its pattern.")
     # The rises over the noise, per sweep.
-    measured = {label: [rise for rise in table3_rises(r, t3["contexts"])
-                        if rise[-1]]
-                for label, r in table3_results(t3)}
+    measured = {label: [rise for rise in r if rise[-1]]
+                for label, r in rises.items()}
     full_label = "within one file, full windows"
     if measured.get(full_label) == [] and measured.get("within one file"):
-      noise = ("" if is_monotone(dict(sweeps)[full_label]) else
+      noise = ("" if not rises[full_label] else
                f" by more than {RISE_STANDARD_ERRORS:g} standard errors")
       lines += ["", "In windows of c bytes the longest contexts cost bits; "
                 "in full windows, with the scored bytes' positions held, "

@@ -5,7 +5,8 @@
   corpus (the Python standard library's sources, split by file; the split is
   written to a manifest), with held-out bits per byte, time per step, peak
   memory and learning curves. The same on enwik8 when ST_ENWIK8 names the
-  file.
+  file. Time per step twice: the training runs' medians, and interleaved
+  rounds of fresh processes timing each pattern's step in turn.
 - Table 2, images: the same comparison on scikit-learn's handwritten digits,
   upsampled to 32x32 and written in the CIFAR-10 binary format by
   tools/digits_to_cifar.py (stride 96: one image row).
@@ -37,11 +38,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -83,6 +86,8 @@ class Settings:
   table4_time_s: float      # a larger model must step within this
   table4_last_s: float      # the smallest model's limit
   text_path: str | None     # None: the default corpus
+  timing_rounds: int = 30   # Table 2's interleaved timing: rounds
+  timing_warmup: int = 5    # after this many steps of each model
 
 
 FULL = Settings(width=128, num_layers=4, num_heads=4, text_context=4096,
@@ -101,7 +106,8 @@ QUICK = Settings(width=64, num_layers=2, num_heads=2, text_context=512,
                  table4_ladder=((1, 64), (2, 64)), table4_time_s=60.0,
                  table4_last_s=120.0,
                  # A small slice of the standard library: its json package.
-                 text_path=os.path.dirname(json.__file__))
+                 text_path=os.path.dirname(json.__file__),
+                 timing_rounds=2, timing_warmup=1)
 
 
 def pattern_model(pattern: str, stride: int) -> dict:
@@ -345,6 +351,78 @@ def table3_child(spec: dict) -> dict:
   return result
 
 
+def step_time_child(spec: dict) -> dict:
+  """Times the training steps of several models in one process, one step
+  of each in turn: spec['configs'] {pattern: full config}, each model the
+  trainer's (model, loss, metric and optimizer; `train_on_batch` runs the
+  compiled train function `fit` runs) on one batch of random bytes (the
+  time of a step does not depend on the bytes); spec['warmup'] untimed
+  steps of each (here the first three or four steps of a model take up to
+  1.8x a later one), then spec['rounds'] rounds of one timed step each.
+
+  Returns:
+    {'times_s': {pattern: [seconds of its step in each round]}}.
+  """
+  import numpy as np
+  import keras
+  from st_keras import config as config_lib
+  from st_keras import models
+  from st_keras import train as train_lib
+  configs = {p: config_lib.from_dict(c) for p, c in spec["configs"].items()}
+  first = next(iter(configs.values()))
+  keras.mixed_precision.set_global_policy(first.train.precision)
+  keras.utils.set_random_seed(first.train.seed)
+  steps = {}
+  for pattern, cfg in configs.items():
+    model = train_lib.build_model(cfg)
+    models.compile_for_training(model, train_lib.make_optimizer(cfg.train))
+    rng = np.random.default_rng(cfg.train.seed)
+    # (batch, context + 1) bytes: inputs and their next-byte targets.
+    data = rng.integers(0, 256, (cfg.data.batch_size,
+                                 cfg.data.context + 1), dtype=np.int32)
+    steps[pattern] = functools.partial(model.train_on_batch, data[:, :-1],
+                                       data[:, 1:])
+    for _ in range(spec["warmup"]):
+      steps[pattern]()
+  times = {pattern: [] for pattern in configs}
+  for _ in range(spec["rounds"]):
+    for pattern, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[pattern].append(time.perf_counter() - start)
+  return {"times_s": times}
+
+
+def interleaved_step_times(configs: dict, rounds: int, warmup: int) -> dict:
+  """Times each pattern's training step in one process, the patterns'
+  steps taking turns (`step_time_child`), so a slow spell of the shared
+  machine falls on all of them alike: the training runs take one pattern
+  after another for minutes each.
+
+  Args:
+    configs: {pattern: full config dict}; 'dense' among them.
+    rounds: timed steps per pattern, one per round.
+    warmup: untimed steps of each model before them.
+
+  Returns:
+    {'rounds', 'warmup', 'median_ms': {pattern: median step}, 'ratio':
+    {pattern: median over the rounds of dense's step / the pattern's},
+    'ratio_quartiles': {pattern: [first, third quartile of those]}}.
+  """
+  times = python_child("step_time", {"configs": configs, "rounds": rounds,
+                                     "warmup": warmup})["times_s"]
+  result = {"rounds": rounds, "warmup": warmup, "median_ms": {}, "ratio": {},
+            "ratio_quartiles": {}}
+  for pattern, t in times.items():
+    paired = [d / x for d, x in zip(times["dense"], t)]
+    result["median_ms"][pattern] = 1e3 * statistics.median(t)
+    result["ratio"][pattern] = statistics.median(paired)
+    quartiles = (statistics.quantiles(paired, n=4) if len(paired) > 1 else
+                 paired * 3)
+    result["ratio_quartiles"][pattern] = [quartiles[0], quartiles[-1]]
+  return result
+
+
 def manifest_child(spec: dict) -> dict:
   """The default corpus's train/valid split, written to spec['path']."""
   import hashlib
@@ -365,7 +443,8 @@ def manifest_child(spec: dict) -> dict:
   return summary
 
 
-CHILDREN = {"table3": table3_child, "manifest": manifest_child}
+CHILDREN = {"table3": table3_child, "manifest": manifest_child,
+            "step_time": step_time_child}
 TABLES = ("text", "table3", "images", "table4")  # --tables, in run order
 
 
@@ -398,7 +477,8 @@ def table2(s: Settings, kind: str, root: str, path: str | None = None,
   """Dense, fixed and strided runs of one data set.
 
   Returns:
-    {pattern: train_run result} plus 'config'.
+    {pattern: train_run result} plus 'config', 'stride' and
+    'interleaved' (`interleaved_step_times` of the three variants).
   """
   context = 3072 if kind == "cifar10" else s.text_context
   steps = s.image_steps if kind == "cifar10" else s.steps
@@ -406,10 +486,14 @@ def table2(s: Settings, kind: str, root: str, path: str | None = None,
   if path:
     config["data"]["path"] = path
   runs = {"config": config, "stride": stride}
+  variants = {}
   for pattern in PATTERNS:
-    variant = json.loads(json.dumps(config))
-    variant["model"].update(pattern_model(pattern, stride))
-    runs[pattern] = train_run(f"{kind}_{pattern}", variant, root)
+    variants[pattern] = json.loads(json.dumps(config))
+    variants[pattern]["model"].update(pattern_model(pattern, stride))
+    runs[pattern] = train_run(f"{kind}_{pattern}", variants[pattern], root)
+  print(f"[tables] {kind}: interleaved step timing ...", flush=True)
+  runs["interleaved"] = interleaved_step_times(variants, s.timing_rounds,
+                                               s.timing_warmup)
   return runs
 
 
@@ -778,17 +862,45 @@ def table2_markdown(title: str, runs: dict, unit: str, plot: str,
            f"dropout. Patterns: block 32, merged heads, stride "
            f"{runs['stride']}, summary c=32 for fixed.", "",
            f"| attention | held-out {unit} | ms / step, median | mean | "
-           f"dense / this (median) | peak MiB |",
-           "|---|---:|---:|---:|---:|---:|"]
+           f"dense / this (median) | interleaved ms / step | dense / this "
+           f"(interleaved) | peak MiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  timing = runs.get("interleaved")  # absent in runs made before it existed
   for pattern in PATTERNS:
     r = runs[pattern]
     median = r["median_ms_per_step"]
+    paired = ("- | -" if timing is None else
+              f"{timing['median_ms'][pattern]:,.0f} | "
+              f"{timing['ratio'][pattern]:.2f}")
     lines.append(f"| {pattern} | {r['bits']:.4f} | {median:,.0f} | "
                  f"{r['ms_per_step']:,.0f} | "
-                 f"{dense['median_ms_per_step'] / median:.2f} | "
+                 f"{dense['median_ms_per_step'] / median:.2f} | {paired} | "
                  f"{r['peak_mib']:,.0f} |")
+  if timing is not None:
+    lines += ["", f"Interleaved: the three models in one process, after "
+              f"{timing['warmup']} warm-up steps each, take turns for "
+              f"{timing['rounds']} rounds of one training step each "
+              f"(`train_on_batch`, the trainer's compiled step); the median "
+              f"step, and the median over the rounds of dense's step over "
+              f"the pattern's in the same round. The training runs take one "
+              f"pattern after another for minutes each, so a slow spell of "
+              f"the VM can fall on one of them; the interleaved steps share "
+              f"it."]
   lines += ["", f"![learning curves]({plot})", "", paper, ""]
   return lines
+
+
+def speed_sentence(runs: dict) -> str:
+  """How much less time a fixed step takes than a dense one."""
+  ratio = (runs["dense"]["median_ms_per_step"] /
+           runs["fixed"]["median_ms_per_step"])
+  text = f"{ratio:.2f}x less time per step in the training runs"
+  if "interleaved" in runs:
+    timing = runs["interleaved"]
+    low, high = timing["ratio_quartiles"]["fixed"]
+    text += (f", {timing['ratio']['fixed']:.2f}x interleaved (quartiles of "
+             f"the {timing['rounds']} rounds {low:.2f}-{high:.2f})")
+  return text
 
 
 def render(meta: dict, sections: dict, plots: dict) -> str:
@@ -820,12 +932,11 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
   lines += ["## Table 2: dense vs sparse attention at equal steps", ""]
   if "text" in sections:
     t = sections["text"]
-    ratio = t["dense"]["median_ms_per_step"] / t["fixed"]["median_ms_per_step"]
     gap = t["fixed"]["bits"] - t["dense"]["bits"]
     lines += table2_markdown(
         "Text: Python standard library", t, "bits per byte", plots["text"],
-        f"Fixed vs dense: {gap:+.4f} bits per byte, {ratio:.2f}x less time "
-        f"per step. The paper (enwik8, 30 layers, context 12,288): dense "
+        f"Fixed vs dense: {gap:+.4f} bits per byte, {speed_sentence(t)}. "
+        f"The paper (enwik8, 30 layers, context 12,288): dense "
         f"1.00 / fixed 0.99 / strided 1.13 bits per byte at 1.31 / 0.55 / "
         f"0.35 s per iteration, i.e. fixed 2.4x faster than dense and as "
         f"good; strided, made for periodic data, is worse on text.")

@@ -117,7 +117,69 @@ def test_quick_table2_trains_all_three_patterns(quick_tables):
         model = json.load(f)["model"]
       assert (model["ff_multiplier"], model["qk_ratio"]) == (2.0, 0.5)
     assert runs["config"]["model"]["width"] == 64
+    # Interleaved timing: every pattern stepped in each round.
+    timing = runs["interleaved"]
+    assert timing["rounds"] >= 2
+    for pattern in ("dense", "fixed", "strided"):
+      ratio = timing["ratio"][pattern]
+      low, high = timing["ratio_quartiles"][pattern]
+      assert timing["median_ms"][pattern] > 0 and low <= ratio <= high
+      assert f"| {timing['median_ms'][pattern]:,.0f} | {ratio:.2f} |" in (
+          markdown)
+    assert timing["ratio"]["dense"] == 1.0
+  timing = results["text"]["interleaved"]
+  assert (f"{timing['ratio']['fixed']:.2f}x interleaved (quartiles of the "
+          f"{timing['rounds']} rounds ") in markdown
   assert "feed-forward x2 and query-key x0.5 of the width" in markdown
+
+
+def test_table2_markdown_reads_runs_without_interleaved_timing():
+  run = {"bits": 3.5, "median_ms_per_step": 300.0, "ms_per_step": 310.0,
+         "peak_mib": 1000.0}
+  runs = {"config": {"model": {"num_layers": 4, "width": 128,
+                               "num_heads": 4, "ff_multiplier": 2.0,
+                               "qk_ratio": 0.5},
+                     "data": {"context": 4096, "batch_size": 1},
+                     "train": {"steps": 600, "learning_rate": 1e-3,
+                               "warmup_steps": 60, "seed": 0}},
+          "stride": 128, "dense": dict(run, median_ms_per_step=600.0),
+          "fixed": run, "strided": run}
+  lines = paper_tables.table2_markdown("T", runs, "bits", "p.png", "")
+  assert "| fixed | 3.5000 | 300 | 310 | 2.00 | - | - | 1,000 |" in lines
+  assert paper_tables.speed_sentence(runs) == (
+      "2.00x less time per step in the training runs")
+  runs["interleaved"] = {"rounds": 4, "warmup": 1,
+                         "median_ms": {"dense": 500.0, "fixed": 200.0,
+                                       "strided": 250.0},
+                         "ratio": {"dense": 1.0, "fixed": 2.5,
+                                   "strided": 2.0},
+                         "ratio_quartiles": {"dense": [1.0, 1.0],
+                                             "fixed": [2.4, 2.6],
+                                             "strided": [1.9, 2.1]}}
+  lines = paper_tables.table2_markdown("T", runs, "bits", "p.png", "")
+  assert "| fixed | 3.5000 | 300 | 310 | 2.00 | 200 | 2.50 | 1,000 |" in lines
+  assert paper_tables.speed_sentence(runs) == (
+      "2.00x less time per step in the training runs, 2.50x interleaved "
+      "(quartiles of the 4 rounds 2.40-2.60)")
+
+
+def test_interleaved_step_times_pairs_the_rounds(monkeypatch):
+  # dense's second round is slow, and so is fixed's: paired, the ratio
+  # stays 2 in every round.
+  times = {"dense": [0.4, 0.8, 0.4], "fixed": [0.2, 0.4, 0.2]}
+  calls = []
+  def fake_child(kind, spec, timeout_s=3600):
+    calls.append((kind, spec))
+    return {"times_s": times}
+  monkeypatch.setattr(paper_tables, "python_child", fake_child)
+  result = paper_tables.interleaved_step_times({"dense": {}, "fixed": {}},
+                                               rounds=3, warmup=2)
+  assert calls == [("step_time", {"configs": {"dense": {}, "fixed": {}},
+                                  "rounds": 3, "warmup": 2})]
+  assert result["ratio"] == {"dense": 1.0, "fixed": 2.0}
+  assert result["ratio_quartiles"]["fixed"] == [2.0, 2.0]
+  assert result["median_ms"] == {"dense": 400.0, "fixed": 200.0}
+
 
 
 def test_quick_table3_scores_the_same_bytes(quick_tables):

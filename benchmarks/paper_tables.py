@@ -5,8 +5,8 @@
   corpus (the Python standard library's sources, split by file; the split is
   written to a manifest), with held-out bits per byte, time per step, peak
   memory and learning curves. The same on enwik8 when ST_ENWIK8 names the
-  file. Time per step twice: the training runs' medians, and interleaved
-  rounds of fresh processes timing each pattern's step in turn.
+  file. Time per step twice: the training runs' medians, and the three
+  models in one process taking one step each in turn.
 - Table 2, images: the same comparison on scikit-learn's handwritten digits,
   upsampled to 32x32 and written in the CIFAR-10 binary format by
   tools/digits_to_cifar.py (stride 96: one image row).
@@ -401,7 +401,7 @@ def interleaved_step_times(configs: dict, rounds: int, warmup: int) -> dict:
 
   Args:
     configs: {pattern: full config dict}; 'dense' among them.
-    rounds: timed steps per pattern, one per round.
+    rounds: timed steps per pattern, one per round (at least 2).
     warmup: untimed steps of each model before them.
 
   Returns:
@@ -409,6 +409,8 @@ def interleaved_step_times(configs: dict, rounds: int, warmup: int) -> dict:
     {pattern: median over the rounds of dense's step / the pattern's},
     'ratio_quartiles': {pattern: [first, third quartile of those]}}.
   """
+  if rounds < 2:
+    raise ValueError(f"rounds must be at least 2 (quartiles), got {rounds}")
   times = python_child("step_time", {"configs": configs, "rounds": rounds,
                                      "warmup": warmup})["times_s"]
   result = {"rounds": rounds, "warmup": warmup, "median_ms": {}, "ratio": {},
@@ -417,8 +419,7 @@ def interleaved_step_times(configs: dict, rounds: int, warmup: int) -> dict:
     paired = [d / x for d, x in zip(times["dense"], t)]
     result["median_ms"][pattern] = 1e3 * statistics.median(t)
     result["ratio"][pattern] = statistics.median(paired)
-    quartiles = (statistics.quantiles(paired, n=4) if len(paired) > 1 else
-                 paired * 3)
+    quartiles = statistics.quantiles(paired, n=4)
     result["ratio_quartiles"][pattern] = [quartiles[0], quartiles[-1]]
   return result
 

@@ -179,6 +179,8 @@ def test_interleaved_step_times_pairs_the_rounds(monkeypatch):
   assert result["ratio"] == {"dense": 1.0, "fixed": 2.0}
   assert result["ratio_quartiles"]["fixed"] == [2.0, 2.0]
   assert result["median_ms"] == {"dense": 400.0, "fixed": 200.0}
+  with pytest.raises(ValueError, match="rounds must be at least 2"):
+    paper_tables.interleaved_step_times({"dense": {}}, rounds=1, warmup=0)
 
 
 

@@ -515,7 +515,8 @@ def table3(s: Settings, root: str, path: str | None = None,
 
   Returns:
     The table3 child's result plus contexts, scored, training_context,
-    batch and 'run' (the `train_run` result).
+    batch, separator (the run's data.separator) and 'run' (the
+    `train_run` result).
   """
   n, k = s.text_context, s.text_context // 8
   config = base_config(s, "text", n, s.table3_steps)
@@ -529,7 +530,9 @@ def table3(s: Settings, root: str, path: str | None = None,
     config["data"]["path"] = path
   run = trained or train_run("text_fixed_table3", config, root)
   with open(os.path.join(run["output_dir"], "config.json")) as f:
-    batch = json.load(f)["data"]["batch_size"]  # a rescored run's own
+    data = json.load(f)["data"]  # a rescored run's own
+  # Runs made before data.separator existed read the files run together.
+  batch, separator = data["batch_size"], data.get("separator")
   contexts = [k * m for m in (1, 2, 3, 4, 6, 8)]
   print("[tables] table 3 ...", flush=True)
   result = python_child("table3", {
@@ -537,7 +540,7 @@ def table3(s: Settings, root: str, path: str | None = None,
       "contexts": contexts, "scored": k, "segments": s.table3_segments,
       "batch": 4})
   result.update(contexts=contexts, scored=k, training_context=n,
-                batch=batch, run=run)
+                batch=batch, separator=separator, run=run)
   return result
 
 
@@ -968,9 +971,13 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               f"only the last {t3['scored']} positions of each window are "
               f"scored, so every context scores the same bytes.", "",
               f"- All segments: {t3['scored_bytes']:,} bytes, segment ends "
-              f"spread evenly over the held-out bytes. The files are "
-              f"concatenated without a separator, so a long window may "
-              f"reach back into the file before."]
+              f"spread evenly over the held-out bytes. " +
+              ("The files are concatenated without a separator, so a long "
+               "window may reach back into the file before."
+               if t3.get("separator") is None else
+               f"The files are concatenated, each after a separator byte "
+               f"(0x{t3['separator']:02X}), so a long window may reach back "
+               f"past it into the file before.")]
     if "within_file" in t3:
       lines += [f"- Within one file: {t3['within_file']['scored_bytes']:,} "
                 f"bytes, segment ends spread evenly over those whose "

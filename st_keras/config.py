@@ -56,6 +56,12 @@ class DataConfig:
   # Share of the bytes held out for validation when the source has no
   # split of its own (text files other than enwik8 and the default, audio).
   valid_fraction: float = 0.05
+  # text (a path or the default corpus): the byte placed before each file
+  # so the model sees where a file begins, even inside a window that crosses
+  # into the next; null: the files run together. 28 is ASCII's "file
+  # separator" (st_keras.data.text.DOCUMENT_SEPARATOR), which text files
+  # do not hold.
+  separator: Optional[int] = 28
 
 
 @dataclasses.dataclass

@@ -90,10 +90,11 @@ def load_data(cfg: config_lib.DataConfig) -> dict:
     uint8 sequences (images).
   """
   if cfg.kind == "text":
+    data_lib.text.check_separator(cfg.separator, "data.separator")
     if cfg.path is None:
-      return data_lib.text.stdlib_splits()
-    return _holdout(data_lib.text.read_bytes(cfg.path), cfg.valid_fraction,
-                    cfg.context)
+      return data_lib.text.stdlib_splits(separator=cfg.separator)
+    return _holdout(data_lib.text.read_bytes(cfg.path, cfg.separator),
+                    cfg.valid_fraction, cfg.context)
   if cfg.path is None:
     raise ValueError(f"data.path is required for data.kind={cfg.kind}")
   if cfg.kind == "enwik8":
@@ -133,8 +134,8 @@ def held_out_file_starts(cfg: config_lib.DataConfig,
     raise ValueError(f"held-out files are defined for text runs, not "
                      f"data.kind={cfg.kind}")
   if cfg.path is None:
-    return data_lib.text.stdlib_valid_bounds()[:-1]
-  bounds = data_lib.text.file_bounds(cfg.path)
+    return data_lib.text.stdlib_valid_bounds(separator=cfg.separator)[:-1]
+  bounds = data_lib.text.file_bounds(cfg.path, cfg.separator)
   starts = bounds[:-1] - (bounds[-1] - valid.size)  # valid is the tail
   return np.concatenate([[0], starts[starts > 0]]).astype(np.int64)
 

@@ -55,6 +55,41 @@ def test_file_bounds_mark_each_file_in_read_bytes(tmp_path):
   assert valid.size == len(text.stdlib_manifest()["valid"]) + 1
 
 
+def test_separator_begins_each_file_and_its_bounds(tmp_path):
+  rng = np.random.default_rng()
+  names = ("b.txt", "a/z.py", "a/c.py")
+  for name in names:
+    _write(str(tmp_path / name), rng.integers(0, 256, int(rng.integers(
+        1, 60))).astype(np.uint8).tobytes())
+  separator = int(rng.integers(0, 256))
+  data = text.read_bytes(str(tmp_path), separator)
+  bounds = text.file_bounds(str(tmp_path), separator)
+  files = text.list_files(str(tmp_path))
+  assert bounds[-1] == data.size == sum(os.path.getsize(f) + 1
+                                        for f in files)
+  for name, lo, hi in zip(files, bounds[:-1], bounds[1:]):
+    with open(name, "rb") as f:
+      assert data[lo] == separator and data[lo + 1:hi].tobytes() == f.read()
+  for bad in (-1, 256, True, 2.0, "x"):
+    with pytest.raises(ValueError, match="separator must be null or a byte"):
+      text.read_bytes(str(tmp_path), bad)
+    with pytest.raises(ValueError, match="separator must be null or a byte"):
+      text.file_bounds(str(tmp_path), bad)
+
+
+def test_default_corpus_files_each_begin_with_the_only_separators():
+  from st_keras import config as config_lib
+  assert config_lib.DataConfig().separator == text.DOCUMENT_SEPARATOR
+  valid = text.stdlib_splits()["valid"]
+  bounds = text.stdlib_valid_bounds()
+  assert np.all(valid[bounds[:-1]] == text.DOCUMENT_SEPARATOR)
+  # The sources hold no separator byte of their own.
+  assert np.sum(valid == text.DOCUMENT_SEPARATOR) == bounds.size - 1
+  plain = text.stdlib_splits(separator=None)["valid"]
+  assert plain.size == valid.size - (bounds.size - 1)
+  assert text.stdlib_valid_bounds(separator=None)[-1] == plain.size
+
+
 def test_enwik8_split_boundaries(tmp_path):
   path = str(tmp_path / "enwik8")
   marks = {0: 1, 89_999_999: 2, 90_000_000: 3, 94_999_999: 4,

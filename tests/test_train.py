@@ -175,7 +175,9 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
-def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path):
+@pytest.mark.parametrize("separator", [None, 28])
+def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path,
+                                                              separator):
   from st_keras import train
   rng = np.random.default_rng()
   blobs = [rng.integers(0, 256, int(rng.integers(300, 900))).astype(
@@ -183,15 +185,20 @@ def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path):
   for i, blob in enumerate(blobs):
     (tmp_path / f"f{i}.txt").write_bytes(blob)
   data = config_lib.DataConfig(kind="text", path=str(tmp_path), context=64,
-                               valid_fraction=0.6)
+                               valid_fraction=0.6, separator=separator)
   valid = train.load_data(data)["valid"]
   starts = train.held_out_file_starts(data, valid)
   assert starts[0] == 0 and np.all(np.diff(starts) > 0)
-  # Each later start begins a whole file; the first file is cut by the split.
+  # Each later start begins a whole file (its separator first, if any); the
+  # first file is cut by the split.
+  head = b"" if separator is None else bytes([separator])
   ends = list(starts[1:]) + [valid.size]
   whole = [valid[a:b].tobytes() for a, b in zip(starts[1:], ends[1:])]
-  assert whole == blobs[len(blobs) - len(whole):]
-  assert blobs[-len(whole) - 1].endswith(valid[:starts[1]].tobytes())
+  assert whole == [head + b for b in blobs[len(blobs) - len(whole):]]
+  assert (head + blobs[-len(whole) - 1]).endswith(valid[:starts[1]].tobytes())
+  with pytest.raises(ValueError, match="data.separator must be null or a"):
+    train.load_data(config_lib.DataConfig(kind="text", path=str(tmp_path),
+                                          separator=300))
   enwik8 = config_lib.DataConfig(kind="enwik8", path="unused")
   assert train.held_out_file_starts(enwik8, valid).tolist() == [0]
   with pytest.raises(ValueError, match="data.kind=cifar10"):

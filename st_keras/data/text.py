@@ -14,6 +14,10 @@ import numpy as np
 # paper's split: 90M train, 5M valid, 5M test.
 ENWIK8_BYTES = 100_000_000
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+# The byte placed before each file of a multi-file text (ASCII "file
+# separator"): text files do not hold it, so a window that crosses into a
+# new file shows the model where that file begins.
+DOCUMENT_SEPARATOR = 0x1C
 
 
 def list_files(path: str) -> List[str]:
@@ -37,38 +41,69 @@ def list_files(path: str) -> List[str]:
   return sorted(files)
 
 
-def read_bytes(paths: Sequence[str] | str) -> np.ndarray:
+def check_separator(separator: int | None, name: str = "separator") -> None:
+  """Checks a separator argument (see `read_bytes`).
+
+  Args:
+    separator: the value to check.
+    name: the argument's name, for the error.
+
+  Raises:
+    ValueError, naming `name`, unless separator is None or a byte value.
+  """
+  if separator is not None and (isinstance(separator, bool) or
+                                not isinstance(separator, (int, np.integer))
+                                or not 0 <= separator <= 255):
+    raise ValueError(f"{name} must be null or a byte value 0-255, got "
+                     f"{separator!r}")
+
+
+def read_bytes(paths: Sequence[str] | str,
+               separator: int | None = None) -> np.ndarray:
   """Concatenates the bytes of files (directories are walked, sorted).
 
   Args:
     paths: a path or a list of paths to files or directories.
+    separator: None, or a byte value placed before each file, so that
+      where one file ends and the next begins stays visible (e.g.
+      `DOCUMENT_SEPARATOR`; it should be a byte the files do not hold).
 
   Returns:
     A 1-D uint8 array.
+
+  Raises:
+    FileNotFoundError: a path does not exist or holds no file.
+    ValueError: separator is not None or a byte value.
   """
+  check_separator(separator)
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
+  head = [] if separator is None else [np.array([separator], np.uint8)]
   chunks = []
   for path in paths:
     for name in list_files(os.fspath(path)):
       with open(name, "rb") as f:
-        chunks.append(np.frombuffer(f.read(), np.uint8))
+        chunks += head + [np.frombuffer(f.read(), np.uint8)]
   return np.concatenate(chunks) if chunks else np.zeros([0], np.uint8)
 
 
-def file_bounds(paths: Sequence[str] | str) -> np.ndarray:
-  """Where each file begins and ends in `read_bytes(paths)`, the same walk.
+def file_bounds(paths: Sequence[str] | str,
+                separator: int | None = None) -> np.ndarray:
+  """Where each file begins and ends in `read_bytes(paths, separator)`.
 
   Args:
     paths: a path or a list of paths to files or directories.
+    separator: as in `read_bytes`; a file's span begins with its separator.
 
   Returns:
-    A 1-D int64 array of files + 1 ascending offsets: file f holds bytes
-    [bounds[f], bounds[f + 1]).
+    A 1-D int64 array of files + 1 ascending offsets: file f, after its
+    separator if there is one, spans bytes [bounds[f], bounds[f + 1]).
   """
+  check_separator(separator)
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
-  sizes = [os.path.getsize(name) for path in paths
+  extra = 0 if separator is None else 1
+  sizes = [os.path.getsize(name) + extra for path in paths
            for name in list_files(os.fspath(path))]
   return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -131,21 +166,29 @@ def stdlib_manifest(valid_per_mille: int = 50) -> Dict[str, List[str]]:
   return split
 
 
-def stdlib_splits(valid_per_mille: int = 50) -> Dict[str, np.ndarray]:
+def stdlib_splits(valid_per_mille: int = 50,
+                  separator: int | None = DOCUMENT_SEPARATOR
+                  ) -> Dict[str, np.ndarray]:
   """The default corpus: {'train', 'valid'} bytes of the standard library.
 
   Args:
     valid_per_mille: see `stdlib_manifest`.
+    separator: see `read_bytes`; by default each file begins with
+      `DOCUMENT_SEPARATOR`.
   """
   manifest = stdlib_manifest(valid_per_mille)
   root = manifest["root"][0]
-  return {part: read_bytes([os.path.join(root, p) for p in manifest[part]])
+  return {part: read_bytes([os.path.join(root, p) for p in manifest[part]],
+                           separator)
           for part in ("train", "valid")}
 
 
-def stdlib_valid_bounds(valid_per_mille: int = 50) -> np.ndarray:
+def stdlib_valid_bounds(valid_per_mille: int = 50,
+                        separator: int | None = DOCUMENT_SEPARATOR
+                        ) -> np.ndarray:
   """`file_bounds` of the held-out files of the default corpus, i.e. of
-  `stdlib_splits()['valid']`."""
+  `stdlib_splits(valid_per_mille, separator)['valid']`."""
   manifest = stdlib_manifest(valid_per_mille)
   root = manifest["root"][0]
-  return file_bounds([os.path.join(root, p) for p in manifest["valid"]])
+  return file_bounds([os.path.join(root, p) for p in manifest["valid"]],
+                     separator)

@@ -430,14 +430,15 @@ def manifest_child(spec: dict) -> dict:
   from st_keras.data import text
   manifest, splits = text.stdlib_manifest(), text.stdlib_splits()
   record = {"python": platform.python_version(), "root": manifest["root"][0],
-            "rule": "a file is valid when crc32(relative path) % 1000 < 50"}
+            "rule": "a file is valid when crc32(relative path) % 1000 < 50",
+            "separator": text.DOCUMENT_SEPARATOR}
   for part, data in splits.items():
     record[part] = {"files": len(manifest[part]), "bytes": int(data.size),
                     "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
   record["valid"]["paths"] = manifest["valid"]
   with open(spec["path"], "w") as f:
     json.dump(record, f, indent=1)
-  summary = {k: record[k] for k in ("python", "root", "rule")}
+  summary = {k: record[k] for k in ("python", "root", "rule", "separator")}
   for part in ("train", "valid"):
     summary.update({f"{part}_files": record[part]["files"],
                     f"{part}_bytes": record[part]["bytes"]})
@@ -931,7 +932,11 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
               f"standard library ({m['root']}), split by file: "
               f"{m['train_files']} files / {m['train_bytes']:,} bytes train, "
               f"{m['valid_files']} files / {m['valid_bytes']:,} bytes valid "
-              f"({m['rule']}); the file list and checksums are in "
+              f"({m['rule']}" + (
+                  "" if m.get("separator") is None else
+                  f"; each file after a separator byte, "
+                  f"0x{m['separator']:02X}, counted in the bytes") +
+              f"); the file list and checksums are in "
               f"[{meta['manifest']}]({meta['manifest']}).", ""]
   lines += ["## Table 2: dense vs sparse attention at equal steps", ""]
   if "text" in sections:

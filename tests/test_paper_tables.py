@@ -197,6 +197,9 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
     config = json.load(f)
   assert config["model"]["pattern"] == "fixed"
   assert config["data"]["batch_size"] == t3["batch"] == 2
+  # The quick text (a directory of files) is read with the separator.
+  assert config["data"]["separator"] == t3["separator"] == 0x1C
+  assert "each after a separator byte (0x1C)" in markdown
   assert f"trained for 8 steps of 2 windows, to {t3['run']['bits']:.4f}" \
       in markdown
   assert all(0 < t3["bits"][str(c)] < 8.0 for c in t3["contexts"])
@@ -267,6 +270,8 @@ def test_table3_text_says_a_rise_is_positional_only_when_it_is(
       {"runs": {"table3": {"date": "d", "minutes": 1.0, "machine": "cpu"}},
        "table3": t3}, {"table3": "t3.png"})
   assert "  - table3 d (1 min). Machine: cpu" in markdown
+  # Results made before data.separator read the files run together.
+  assert "The files are concatenated without a separator" in markdown
   assert f"| 512 | 3.1500 | 3.0800 | {full[-1]:.4f} |" in markdown
   within = "within one file no (3.2000 -> 3.0800; rises 256 -> 512 +0.0300"
   assert within in markdown
@@ -381,7 +386,7 @@ def test_quick_table4_steps_every_context(quick_tables):
 
 
 def test_quick_tables_write_the_corpus_manifest(quick_tables):
-  out, results, _ = quick_tables
+  out, results, markdown = quick_tables
   with open(out / "results_stdlib_manifest.json") as f:
     manifest = json.load(f)
   from st_keras.data import text
@@ -389,6 +394,11 @@ def test_quick_tables_write_the_corpus_manifest(quick_tables):
   assert manifest["valid"]["paths"] == split["valid"]
   assert manifest["train"]["files"] == len(split["train"])
   assert manifest["valid"]["bytes"] == text.stdlib_splits()["valid"].size
+  assert results["manifest"]["separator"] == text.DOCUMENT_SEPARATOR
+  # The bytes count one separator per file.
+  assert manifest["valid"]["bytes"] == text.stdlib_splits(
+      separator=None)["valid"].size + manifest["valid"]["files"]
+  assert "each file after a separator byte, 0x1C, counted" in markdown
 
 
 def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,

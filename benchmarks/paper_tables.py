@@ -428,10 +428,12 @@ def manifest_child(spec: dict) -> dict:
   """The default corpus's train/valid split, written to spec['path']."""
   import hashlib
   from st_keras.data import text
-  manifest, splits = text.stdlib_manifest(), text.stdlib_splits()
+  separator = text.DOCUMENT_SEPARATOR
+  manifest = text.stdlib_manifest()
+  splits = text.stdlib_splits(separator=separator)
   record = {"python": platform.python_version(), "root": manifest["root"][0],
             "rule": "a file is valid when crc32(relative path) % 1000 < 50",
-            "separator": text.DOCUMENT_SEPARATOR}
+            "separator": separator}
   for part, data in splits.items():
     record[part] = {"files": len(manifest[part]), "bytes": int(data.size),
                     "sha256": hashlib.sha256(data.tobytes()).hexdigest()}

@@ -183,7 +183,6 @@ def test_interleaved_step_times_pairs_the_rounds(monkeypatch):
     paper_tables.interleaved_step_times({"dense": {}}, rounds=1, warmup=0)
 
 
-
 def test_quick_table3_scores_the_same_bytes(quick_tables):
   _, results, markdown = quick_tables
   t3 = results["table3"]

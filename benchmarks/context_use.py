@@ -106,13 +106,13 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   contexts = [scored * m for m in (1, 2, 3, 4, 6, 8)]
   for run, d in zip(runs, described):
     print(f"[context_use] {d['name']} ...", flush=True)
-    model, splits, _ = paper_tables.load_text_run(run)
+    model, splits, _, separator = paper_tables.load_text_run(run)
     valid = splits["valid"]
     d["profile"] = position_profile(model, valid, windows, band)  # checks band
     for key, full in (("sweep", False), ("full", True)):
       d[key] = paper_tables.context_sweep(model, valid, contexts, scored,
-                                          segments, BATCH,
-                                          full_windows=full)["bits"]
+                                          segments, BATCH, full_windows=full,
+                                          separator=separator)["bits"]
   return {"runs": described, "contexts": contexts, "scored": scored,
           "band": band, "segments": segments, "windows": windows}
 

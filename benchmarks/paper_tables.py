@@ -215,7 +215,8 @@ def load_text_run(run_dir: str) -> tuple:
 
   Returns:
     (the SparseTransformer, its {'train', 'valid'} bytes as 1-D uint8
-    arrays, the offsets at which the held-out files begin in 'valid').
+    arrays, the offsets at which the held-out files begin in 'valid', the
+    separator byte before each file or None: its data.separator).
   """
   import keras
   from st_keras import config as config_lib
@@ -225,8 +226,9 @@ def load_text_run(run_dir: str) -> tuple:
   with open(os.path.join(run_dir, "config.json")) as f:
     data_config = config_lib.from_dict(json.load(f)).data
   splits = train.load_data(data_config)
-  return model, splits, train.held_out_file_starts(data_config,
-                                                   splits["valid"])
+  return (model, splits,
+          train.held_out_file_starts(data_config, splits["valid"]),
+          data_config.separator)
 
 
 def segment_ends(size: int, window: int, segments: int,
@@ -263,7 +265,8 @@ def segment_ends(size: int, window: int, segments: int,
 
 
 def context_sweep(model, valid, contexts: list, scored: int, segments: int,
-                  batch: int, starts=None, full_windows: bool = False) -> dict:
+                  batch: int, starts=None, full_windows: bool = False,
+                  separator: int | None = None) -> dict:
   """Bits per byte of the last positions of windows of growing context.
 
   For segment end e (exclusive) and context c, the model reads bytes
@@ -280,15 +283,19 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
     starts: None, or where each held-out file begins in valid: then only
       segments whose longest window lies inside one file, so that all the
       context a longer window adds is the scored bytes' own file.
-    full_windows: False: the model reads a window of c bytes (the paper's
-      Table 3), so a longer context also moves the scored bytes to later
-      positions. True: it reads windows of n = model.seq_len bytes whose
-      last c are the scored bytes' own context and whose first n - c are
-      the start of another segment's window (the segment half the segments
-      away), like a training window that crosses into a new file. Every c
+    full_windows: False: the model reads a window of c bytes, so a longer
+      context also moves the scored bytes to later positions. True: it
+      reads windows of n = model.seq_len bytes whose last c are the scored
+      bytes' own context and whose first n - c are the start of another
+      segment's window (the segment half the segments away), like a
+      training window that crosses into a new file. Every c
       then scores the same bytes at the same positions with as many keys,
       and only how much of the window is the scored bytes' own text
       differs.
+    separator: with full_windows, None: the other segment's bytes run
+      straight into the scored bytes' own; a byte (the run's
+      data.separator): it replaces the last byte before them, as where a
+      training window crosses into the next file.
 
   Returns:
     {'bits': {str(c): bits per byte}, 'step_se': {str(c): the standard
@@ -315,6 +322,8 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
       for e, o in zip(ends[start:start + batch], others[start:start + batch]):
         own = valid[e - c - 1:e]                      # c + 1 bytes
         prefix = valid[o - n - 1:o - c - 1] if full_windows else valid[:0]
+        if prefix.size and separator is not None:
+          prefix = np.append(prefix[:-1], np.uint8(separator))
         rows.append(np.concatenate([prefix, own]))
       rows = np.stack(rows).astype(np.int32)
       nats.append(scored_nats(rows[:, :-1], rows[:, 1:]).numpy())
@@ -336,15 +345,18 @@ def table3_child(spec: dict) -> dict:
   over all held-out segments and, as 'within_file', over those whose
   longest window lies inside one held-out file, and, as
   'within_file_full', over those again in full windows
-  (`context_sweep(full_windows=True)`); 'ngram_bits' holds the run's
+  (`context_sweep(full_windows=True)`, the run's separator ending the
+  other segment's bytes); 'ngram_bits' holds the run's
   data's byte n-gram baselines, {order: bits per byte}."""
-  model, splits, starts = load_text_run(spec["run"])
+  model, splits, starts, separator = load_text_run(spec["run"])
   args = (model, splits["valid"], spec["contexts"], spec["scored"],
           spec["segments"], spec["batch"])
   result = context_sweep(*args)
   result["within_file"] = context_sweep(*args, starts=starts)
   result["within_file_full"] = context_sweep(*args, starts=starts,
-                                             full_windows=True)
+                                             full_windows=True,
+                                             separator=separator)
+  result["within_file_full"]["separator"] = separator
   result["ngram_bits"] = {
       order: ngram.ngram_bits(splits["train"], splits["valid"], order)
       for order in NGRAM_ORDERS}
@@ -996,8 +1008,10 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
       n = t3["training_context"]
       lines += [f"- Within one file, full windows: the same bytes, read in "
                 f"windows of {n:,} bytes whose last c bytes are their own "
-                f"context and whose first {n:,}-c are another segment's, "
-                f"like a training window that crosses into a new file. In "
+                f"context and whose first {n:,}-c are another segment's" +
+                ("" if t3["within_file_full"].get("separator") is None else
+                 ", the last of them replaced by the separator byte") +
+                f", like a training window that crosses into a new file. In "
                 f"the columns before, a longer context also moves the "
                 f"scored bytes to later positions and gives them more keys; "
                 f"here they keep the window's last {t3['scored']} positions "
@@ -1017,6 +1031,13 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                   for label, bits in sweeps) +
               ". The paper (enwik8): 0.9952 at 6,144 bytes of context, "
               "0.9908 at 12,160: more context, fewer bits."]
+    if "within_file_full" in t3:
+      lines[-1] += (" The paper's contexts are minimum contexts within "
+                    "windows of its full training length (12,288 bytes), so "
+                    "its condition is that of the full windows here: the "
+                    "model always reads as many bytes as it was trained on, "
+                    "and only how many of them are the scored bytes' own "
+                    "preceding text varies.")
     if "ngram_bits" in t3:
       models = {"The Table 3 model": t3["run"]["bits"]}
       if "text" in sections:

@@ -220,6 +220,10 @@ def test_quick_table3_scores_the_same_bytes(quick_tables):
       f"{within['bits']['512']:.4f} | {full['bits']['512']:.4f} |" \
       in markdown
   assert "within one file, full windows" in markdown
+  # Another segment's bytes end in the separator, as at a file crossing in
+  # training.
+  assert full["separator"] == 0x1C
+  assert "the last of them replaced by the separator byte" in markdown
   # Each change between neighbouring contexts carries its standard error.
   for sweep in (t3, within, full):
     assert sorted(sweep["step_se"], key=int) == [
@@ -271,6 +275,7 @@ def test_table3_text_says_a_rise_is_positional_only_when_it_is(
   assert "  - table3 d (1 min). Machine: cpu" in markdown
   # Results made before data.separator read the files run together.
   assert "The files are concatenated without a separator" in markdown
+  assert "replaced by the separator byte" not in markdown
   assert f"| 512 | 3.1500 | 3.0800 | {full[-1]:.4f} |" in markdown
   within = "within one file no (3.2000 -> 3.0800; rises 256 -> 512 +0.0300"
   assert within in markdown
@@ -328,14 +333,16 @@ def counting_bits(x, y, k):
   return -log_p[np.arange(y.size), y][-k:].mean() / math.log(2.0)
 
 
-@pytest.mark.parametrize("full_windows", [False, True])
-def test_context_sweep_matches_a_float64_reference(full_windows):
+@pytest.mark.parametrize("full_windows,separator", [
+    (False, None), (True, None), (True, 200)])
+def test_context_sweep_matches_a_float64_reference(full_windows, separator):
   rng = np.random.default_rng()
   valid = rng.integers(0, 12, 3000).astype(np.uint8)
   contexts, k, segments = [16, 32, 48, 64], 16, 23
   sweep = paper_tables.context_sweep(CountingModel(), valid, contexts, k,
                                      segments, batch=5,
-                                     full_windows=full_windows)
+                                     full_windows=full_windows,
+                                     separator=separator)
   ends = paper_tables.segment_ends(valid.size, 65, segments)
   others = np.roll(ends, segments // 2)
   per_context = []  # (segments,) bits per byte of each context
@@ -344,7 +351,10 @@ def test_context_sweep_matches_a_float64_reference(full_windows):
     for e, o in zip(ends, others):
       row = valid[e - c - 1:e]
       if full_windows:  # another segment's bytes fill the window
-        row = np.concatenate([valid[o - 65:o - c - 1], row])
+        prefix = valid[o - 65:o - c - 1].copy()
+        if separator is not None and prefix.size:  # and end in it
+          prefix[-1] = separator
+        row = np.concatenate([prefix, row])
         assert row.size == 65
       bits.append(counting_bits(row[:-1], row[1:], k))
     per_context.append(np.array(bits))

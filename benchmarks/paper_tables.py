@@ -288,10 +288,9 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
       reads windows of n = model.seq_len bytes whose last c are the scored
       bytes' own context and whose first n - c are the start of another
       segment's window (the segment half the segments away), like a
-      training window that crosses into a new file. Every c
-      then scores the same bytes at the same positions with as many keys,
-      and only how much of the window is the scored bytes' own text
-      differs.
+      training window that crosses into a new file. Every c then scores
+      the same bytes at the same positions with as many keys, and only how
+      much of the window is the scored bytes' own text differs.
     separator: with full_windows, None: the other segment's bytes run
       straight into the scored bytes' own; a byte (the run's
       data.separator): it replaces the last byte before them, as where a
@@ -300,7 +299,8 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
   Returns:
     {'bits': {str(c): bits per byte}, 'step_se': {str(c): the standard
     error of bits(c) - bits(the context before c) over the segments, for
-    every c but the first}, 'scored_bytes': segments x k}. The errors are
+    every c but the first}, 'scored_bytes': segments x k, and with
+    full_windows 'separator': the separator argument}. The errors are
     paired: both contexts score the same bytes.
   """
   import numpy as np
@@ -333,8 +333,11 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
       step_se[str(c)] = float(np.std(bits - previous, ddof=1) /
                               math.sqrt(bits.size))
     previous = bits
-  return {"bits": results, "step_se": step_se,
-          "scored_bytes": int(ends.size * k)}
+  result = {"bits": results, "step_se": step_se,
+            "scored_bytes": int(ends.size * k)}
+  if full_windows:
+    result["separator"] = separator
+  return result
 
 
 NGRAM_ORDERS = (1, 2, 3, 4)  # the baselines Table 3 prints
@@ -356,7 +359,6 @@ def table3_child(spec: dict) -> dict:
   result["within_file_full"] = context_sweep(*args, starts=starts,
                                              full_windows=True,
                                              separator=separator)
-  result["within_file_full"]["separator"] = separator
   result["ngram_bits"] = {
       order: ngram.ngram_bits(splits["train"], splits["valid"], order)
       for order in NGRAM_ORDERS}

@@ -359,6 +359,8 @@ def test_context_sweep_matches_a_float64_reference(full_windows, separator):
       bits.append(counting_bits(row[:-1], row[1:], k))
     per_context.append(np.array(bits))
   assert sweep["scored_bytes"] == segments * k
+  assert sweep.get("separator") == separator
+  assert ("separator" in sweep) == full_windows
   for c, bits in zip(contexts, per_context):
     assert sweep["bits"][str(c)] == pytest.approx(bits.mean(), rel=1e-5)
   assert sorted(sweep["step_se"], key=int) == [str(c) for c in contexts[1:]]

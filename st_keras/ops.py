@@ -177,7 +177,10 @@ def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
     slot = np.arange(comp.nnz) - comp.row_ptr[rows]
     num_masks = comp.masks.shape[0]
     empty, full = num_masks, num_masks + 1
-    gather = np.zeros((heads * nb, width), np.int32)
+    # Padding slots (fully masked) gather the row's head's first block: their
+    # zero-weight gradients (0 * NaN is NaN) stay in that head.
+    gather = np.repeat(np.arange(heads * nb, dtype=np.int32) // nb * nb,
+                       width).reshape(heads * nb, width)
     mask_sel = np.full((heads * nb, width), empty, np.int32)
     gather[rows, slot] = (rows // nb) * nb + comp.col_idx
     mask_sel[rows, slot] = np.where(comp.mask_idx < 0, full, comp.mask_idx)
@@ -276,14 +279,67 @@ def _permute(x, perm, shared: bool):
 
 
 def _component_custom_op(q, k, v, tables, scale, key_lengths):
-  """Returns (out [B, H, n, d] q.dtype, lse [B, H, n] float32)."""
-  return load_library().sparse_transformer_block_sparse_attention(
+  """Returns (out [B, H, n, d] q.dtype, lse [B, H, n], stats [B, H, n, 2]).
+
+  stats holds each row's max score m and log l, l = sum exp(score - m)
+  (-inf, -inf for a row with no key), without gradient.
+  """
+  out, lse, stats = load_library().sparse_transformer_block_sparse_attention(
       q, k, v, key_lengths, tables["key_positions"], tables["row_ptr"],
       tables["col_idx"], tables["mask_idx"], tables["masks"], scale=scale)
+  return out, lse, tf.stop_gradient(stats)
+
+
+@tf.custom_gradient
+def _zero_non_finite(x):
+  """x with every inf and NaN replaced by 0; the gradient passes unchanged."""
+  def grad(dy):
+    return dy
+  return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x)), grad
+
+
+def _weighted_values(probs, values, scores, mask, total):
+  """probs @ values per row, exact where values are not finite.
+
+  A value entry that is inf or NaN would reach, as 0 * NaN in the einsum,
+  the rows that do not attend its key. When there is one (tf.cond; the common
+  path is the plain einsum), the einsum takes those entries as 0 and each row
+  gets, per column, the inf or NaN that exact arithmetic gives: the sum of the
+  non-finite entries of the keys it attends (score not -inf). That term is
+  scaled by `total`, so the gradients of a poisoned row are NaN as well.
+
+  Args:
+    probs: (B, H, nb, bs, K) unnormalised probabilities, 0 where masked.
+    values: (B, H, nb, K, d) the gathered values.
+    scores: (B, H, nb, bs, K) scores before masking.
+    mask: bool, broadcastable to scores: the allowed keys.
+    total: (B, H, nb, bs) row sums of probs.
+
+  Returns:
+    (B, H, nb, bs, d): probs @ values, plus total times the non-finite part.
+  """
+  def plain():
+    return tf.einsum("bhnqk,bhnkd->bhnqd", probs, values)
+
+  def exact():
+    attended = tf.cast(tf.logical_and(mask, tf.not_equal(scores, -np.inf)),
+                       tf.float32)
+    kinds = tf.concat([tf.math.is_nan(values), tf.equal(values, np.inf),
+                       tf.equal(values, -np.inf)], axis=-1)
+    # (B, H, nb, bs, 3 d): attended keys with a NaN, +inf, -inf per column
+    counts = tf.einsum("bhnqk,bhnkd->bhnqd", attended,
+                       tf.cast(kinds, tf.float32))
+    nan, pos, neg = tf.split(counts > 0, 3, axis=-1)
+    poison = tf.where(nan | (pos & neg), np.nan,
+                      tf.where(pos, np.inf, tf.where(neg, -np.inf, 0.0)))
+    return (tf.einsum("bhnqk,bhnkd->bhnqd", probs, _zero_non_finite(values))
+            + poison * total[..., None])
+
+  return tf.cond(tf.reduce_all(tf.math.is_finite(values)), plain, exact)
 
 
 def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):
-  """Gather-based masked softmax; returns (out q.dtype, lse float32)."""
+  """Gather-based masked softmax; returns (out, lse, stats) as the op does."""
   t = _padded_tables(layout, index)
   batch = tf.shape(q)[0]
   heads, n, d = layout.num_heads, layout.seq_len, q.shape[-1]
@@ -305,23 +361,48 @@ def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):
              tf.reshape(key_lengths, [-1, 1, 1, 1]))  # (B, H, nb, width*bs)
     mask = tf.logical_and(mask, valid[:, :, :, None, :])
   probs, row_max, total = masked_exp(scores, mask)  # total: (B, H, nb, bs)
-  has_key = total > 0
+  has_key = tf.not_equal(total, 0.0)  # a NaN score makes the row NaN
   safe_total = tf.where(has_key, total, 1.0)
-  out = tf.einsum("bhnqk,bhnkd->bhnqd", probs, vg) / safe_total[..., None]
-  lse = tf.where(has_key, row_max[..., 0] + tf.math.log(safe_total),
-                 -np.inf)
+  out = (_weighted_values(probs, vg, scores, mask, total) /
+         safe_total[..., None])
+  log_total = tf.math.log(safe_total)
+  lse = tf.where(has_key, row_max[..., 0] + log_total, -np.inf)
+  stats = tf.stop_gradient(tf.stack(
+      [tf.where(has_key, row_max[..., 0], -np.inf),
+       tf.where(has_key, log_total, -np.inf)], axis=-1))
   return (tf.cast(tf.reshape(out, [batch, heads, n, d]), q.dtype),
-          tf.reshape(lse, [batch, heads, n]))
+          tf.reshape(lse, [batch, heads, n]),
+          tf.reshape(stats, [batch, heads, n, 2]))
 
 
-def _merge_components(outs, lses, dtype):
-  """Log-sum-exp merge of token-disjoint partial attentions."""
+def _merge_components(outs, lses, stats, dtype):
+  """Log-sum-exp merge of token-disjoint partial attentions.
+
+  Each part's weight is exp(lse - top), normalised. Its value comes from the
+  part's (m, log l) as exp((m - top) + log l), with top the largest m: lse =
+  m + log l in float32 rounds log l away where |m| is large (scores of 1e10
+  that tie across parts); its gradient is that of lse.
+
+  Args:
+    outs: per part, [B, H, n, d] attention over the part's keys.
+    lses: per part, [B, H, n] float32 log-sum-exp of the scores.
+    stats: per part, [B, H, n, 2] float32 (m, log l), no gradient.
+    dtype: the result's dtype.
+
+  Returns:
+    [B, H, n, d] attention over the union of the parts' keys.
+  """
   lse = tf.stack(lses)  # (C, B, H, n)
-  top = tf.stop_gradient(tf.reduce_max(lse, axis=0))
+  row_max, log_sum = tf.unstack(tf.stack(stats), axis=-1)  # (C, B, H, n)
+  top = tf.reduce_max(row_max, axis=0)
   top = tf.where(tf.math.is_finite(top), top, 0.0)
-  weights = tf.exp(lse - top)  # (C, B, H, n); 0 where a part had no key
+  # The value of (row_max - top) + log_sum, the gradient of lse - top.
+  exponent = (row_max - top) + log_sum + tf.where(
+      tf.math.is_finite(lse), lse - tf.stop_gradient(lse), 0.0)
+  weights = tf.exp(exponent)  # (C, B, H, n); 0 where a part had no key
   total = tf.reduce_sum(weights, axis=0)
-  weights = weights / tf.where(total > 0, total, 1.0)
+  # A NaN row (a NaN score in any part) stays NaN in every part's gradient.
+  weights = weights / tf.where(tf.not_equal(total, 0.0), total, 1.0)
   out = tf.add_n([tf.cast(o, tf.float32) * w[..., None]
                   for o, w in zip(outs, tf.unstack(weights))])
   return tf.cast(out, dtype)
@@ -365,9 +446,11 @@ def _validate(q, k, v, layout, key_lengths):
     if key_lengths.dtype != tf.int32:
       raise TypeError(f"key_lengths must be int32, got "
                       f"{key_lengths.dtype.name}")
-    if key_lengths.shape.rank is not None and key_lengths.shape.rank != 1:
-      raise ValueError(f"key_lengths must have shape [batch], got "
-                       f"{key_lengths.shape}")
+    if key_lengths.shape.rank is not None and (
+        key_lengths.shape.rank != 1 or
+        not key_lengths.shape.is_compatible_with(q.shape[:1])):
+      raise ValueError(f"key_lengths must have shape [batch] = "
+                       f"[{q.shape[0]}], got {key_lengths.shape}")
 
 
 @tf.autograph.experimental.do_not_convert
@@ -381,7 +464,8 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
     k: keys, same shape and dtype as q.
     v: values, same shape and dtype as q.
     layout: an `st_keras.layouts.Layout` for n tokens and `heads` heads.
-    scale: positive score scale; default 1 / sqrt(head_dim).
+    scale: positive score scale, finite in float32; default
+      1 / sqrt(head_dim).
     key_lengths: optional int32 [batch]: keys at positions >= key_lengths[b]
       are ignored for example b (padded batches).
     implementation: 'auto', 'custom_op', 'pure_tf' or None for the
@@ -389,7 +473,14 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
 
   Returns:
     [batch, heads, n, head_dim] in q's dtype. A query with no allowed key
-    gets zeros. Softmax and accumulation run in float32.
+    gets zeros. Softmax and accumulation run in float32, exactly for any
+    finite scores. Non-finite inputs reach the outputs exact arithmetic
+    gives them to: a NaN score (NaN in q or an attended key) makes its row
+    NaN, an inf or NaN in v[j, c] reaches column c of exactly the rows that
+    attend key j.
+
+  Raises:
+    ValueError, TypeError: bad shapes, dtypes, layout, key_lengths or scale.
   """
   q = tf.convert_to_tensor(q)
   k = tf.convert_to_tensor(k)
@@ -398,10 +489,13 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
     key_lengths = tf.convert_to_tensor(key_lengths)
   _validate(q, k, v, layout, key_lengths)
   scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
-  if not (np.isfinite(scale) and scale > 0):
-    raise ValueError(f"scale must be a positive finite number, got {scale}")
+  with np.errstate(over="ignore"):
+    scale32 = np.float32(scale)  # the op's attribute and pure TF's factor
+  if not (np.isfinite(scale32) and scale32 > 0):
+    raise ValueError(f"scale must be a positive number finite in float32, "
+                     f"got {scale}")
   impl = resolve_implementation(implementation)
-  outs, lses = [], []
+  outs, lses, stats = [], [], []
   for index, comp in enumerate(layout.components):
     tables = _tables(layout, index)
     qc, kc, vc = q, k, v
@@ -411,32 +505,41 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
                     for x in (q, k, v))
     if impl == "custom_op":
       kl = (tf.zeros([0], tf.int32) if key_lengths is None else key_lengths)
-      out, lse = _component_custom_op(qc, kc, vc, tables, scale, kl)
+      parts = _component_custom_op(qc, kc, vc, tables, scale, kl)
     else:
-      out, lse = _component_pure_tf(qc, kc, vc, layout, index, scale,
-                                    key_lengths)
+      parts = _component_pure_tf(qc, kc, vc, layout, index, scale,
+                                 key_lengths)
     if comp.perm is not None:
       inverse = tables["inverse_perm"]
-      out = _permute(out, inverse, tables["shared_perm"])
-      lse = _permute(lse, inverse, tables["shared_perm"])
-    outs.append(out)
-    lses.append(lse)
+      parts = [_permute(x, inverse, tables["shared_perm"]) for x in parts]
+    for results, x in zip((outs, lses, stats), parts):
+      results.append(x)
   if len(outs) == 1:
     return outs[0]
-  return _merge_components(outs, lses, q.dtype)
+  return _merge_components(outs, lses, stats, q.dtype)
 
 
 @tf.RegisterGradient(OP_NAME)
-def _block_sparse_attention_grad(op, dout, dlse):
-  """Gradient of the fused op through its gradient op (both outputs)."""
+def _block_sparse_attention_grad(op, dout, dlse, unused_dstats):
+  """Gradient of the fused op through its gradient op.
+
+  Args:
+    op: the forward op; its `stats` output feeds the gradient op.
+    dout: upstream gradient of `out` (None: zeros).
+    dlse: upstream gradient of `lse` (None: zeros).
+    unused_dstats: `stats` is not differentiable.
+
+  Returns:
+    dq, dk, dv and None for each layout input.
+  """
   q, k, v = op.inputs[:3]
   layout_inputs = list(op.inputs[3:])
-  out, lse = op.outputs
+  out, lse, stats = op.outputs
   if dout is None:
     dout = tf.zeros_like(out)
   if dlse is None:
     dlse = tf.zeros_like(lse)
   dq, dk, dv = load_library().sparse_transformer_block_sparse_attention_grad(
-      q, k, v, out, lse, dout, dlse, *layout_inputs,
+      q, k, v, out, stats, dout, dlse, *layout_inputs,
       scale=op.get_attr("scale"))
   return [dq, dk, dv] + [None] * len(layout_inputs)

@@ -389,8 +389,9 @@ class TestBadInput:
         **args)
 
   def test_raw_op_accepts_good_tables(self):
-    out, lse = self._raw()
+    out, lse, stats = self._raw()
     assert out.shape == self.q.shape and lse.shape == self.q.shape[:3]
+    assert stats.shape == self.q.shape[:3] + (2,)
 
   @pytest.mark.parametrize("overrides,match", [
       (lambda c: dict(col_idx=c.col_idx + 100), "col_idx"),
@@ -399,7 +400,8 @@ class TestBadInput:
       (lambda c: dict(row_ptr=c.row_ptr[:-1]), "row_ptr"),
       (lambda c: dict(row_ptr=c.row_ptr[::-1].copy()), "row_ptr"),
       (lambda c: dict(masks=np.zeros((1, 8, 8), np.uint8)), "block size"),
-      (lambda c: dict(masks=np.zeros((1, 24, 24), np.uint8)), "multiple"),
+      (lambda c: dict(masks=np.zeros((1, 24, 24), np.uint8)),
+       "one of 16, 32, 64, 128"),
       (lambda c: dict(key_lengths=np.ones(3, np.int32)), "key_lengths"),
       (lambda c: dict(key_positions=np.ones((2, 5), np.int32)),
        "key_positions"),
@@ -410,13 +412,16 @@ class TestBadInput:
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
       self._raw(**overrides(self.lay.components[0]))
 
-  def test_raw_grad_op_rejects_bad_shapes(self):
+  @pytest.mark.parametrize("stats_rows,dlse_rows,match", [
+      (64, 128, "stats"), (128, 64, "dlse")])
+  def test_raw_grad_op_rejects_bad_shapes(self, stats_rows, dlse_rows, match):
     comp = self.lay.components[0]
     lib = ops.load_library()
-    with pytest.raises(tf.errors.InvalidArgumentError, match="lse and dlse"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=match):
       lib.sparse_transformer_block_sparse_attention_grad(
-          self.q, self.k, self.v, self.q, np.zeros((1, 2, 64), np.float32),
-          self.q, np.zeros((1, 2, 128), np.float32), np.zeros(0, np.int32),
+          self.q, self.k, self.v, self.q,
+          np.zeros((1, 2, stats_rows, 2), np.float32), self.q,
+          np.zeros((1, 2, dlse_rows), np.float32), np.zeros(0, np.int32),
           np.zeros((0, 0), np.int32), comp.row_ptr, comp.col_idx,
           comp.mask_idx, comp.masks, scale=0.1)
 

@@ -4,15 +4,16 @@
 #include "custom_ops/cc/kernels/block_sparse_attention_core.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 namespace st_keras {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // One SIMD register of floats: 16 lanes with AVX-512, 8 otherwise (AVX2, or
 // split by the compiler on older targets). Loads and stores go through an
@@ -34,9 +35,11 @@ inline void Store(float* p, const Vec& v) {
   *reinterpret_cast<UnalignedVec*>(p) = v;
 }
 
-// C[R x N] (+)= op(A)[R x K] * B[K x N] with K >= 1, row-major with leading
-// dimensions; op(A) = A, or A^T when kTransA (A is then stored [K x R]).
-// Vectorised over N: kRows rows of op(A) and kVecs registers of C per pass.
+// C[R x N] = alpha * (op(A)[R x K] * B[K x N]), or C += op(A) * B when
+// kAccumulate (alpha is then 1), with K >= 1, row-major with leading
+// dimensions; op(A) = A, or A^T when kTransA (A is then stored [K x R]). The
+// product is rounded before alpha scales it. Vectorised over N: kRows rows
+// of op(A) and kVecs registers of C per pass.
 template <bool kTransA>
 inline float AElement(const float* A, int64_t lda, int r, int64_t k) {
   return kTransA ? A[k * lda + r] : A[r * lda + k];
@@ -49,7 +52,7 @@ inline const float* ARows(const float* A, int64_t lda, int64_t r) {
 
 template <int kRows, int kVecs, bool kAccumulate, bool kTransA>
 inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
-                      int64_t ldb, float* C, int64_t ldc) {
+                      int64_t ldb, float* C, int64_t ldc, float alpha) {
   Vec acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) {
@@ -66,21 +69,25 @@ inline void GemmPanel(int64_t K, const float* A, int64_t lda, const float* B,
     }
   } while (++k < K);
   for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) Store(C + r * ldc + kLanes * v, acc[r][v]);
+    for (int v = 0; v < kVecs; ++v) {
+      Store(C + r * ldc + kLanes * v, kAccumulate ? acc[r][v]
+                                                  : acc[r][v] * alpha);
+    }
   }
 }
 
 template <int kRows, bool kAccumulate, bool kTransA>
 inline void GemmRows(int64_t K, int64_t N, const float* A, int64_t lda,
-                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+                     const float* B, int64_t ldb, float* C, int64_t ldc,
+                     float alpha) {
   int64_t n = 0;
   for (; n + 2 * kLanes <= N; n += 2 * kLanes) {
     GemmPanel<kRows, 2, kAccumulate, kTransA>(K, A, lda, B + n, ldb, C + n,
-                                              ldc);
+                                              ldc, alpha);
   }
   for (; n + kLanes <= N; n += kLanes) {
     GemmPanel<kRows, 1, kAccumulate, kTransA>(K, A, lda, B + n, ldb, C + n,
-                                              ldc);
+                                              ldc, alpha);
   }
   for (; n < N; ++n) {  // scalar tail when N is not a multiple of kLanes
     for (int r = 0; r < kRows; ++r) {
@@ -88,14 +95,15 @@ inline void GemmRows(int64_t K, int64_t N, const float* A, int64_t lda,
       for (int64_t k = 0; k < K; ++k) {
         s += AElement<kTransA>(A, lda, r, k) * B[k * ldb + n];
       }
-      C[r * ldc + n] = s;
+      C[r * ldc + n] = kAccumulate ? s : s * alpha;
     }
   }
 }
 
 template <bool kAccumulate, bool kTransA = false>
 void Gemm(int64_t R, int64_t K, int64_t N, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float* C, int64_t ldc) {
+          const float* B, int64_t ldb, float* C, int64_t ldc,
+          float alpha = 1.0f) {
   // kMainRows rows x 2 registers of accumulators fill most of the register
   // file: 16 registers with AVX2, 32 with AVX-512. R is cut into panels of
   // kMainRows and kMainRows - 1 rows where it can be (32 = 6 + 6 + 5 + 5 +
@@ -109,21 +117,23 @@ void Gemm(int64_t R, int64_t K, int64_t N, const float* A, int64_t lda,
   int64_t r = 0;
   for (; r < full_panels * kMainRows; r += kMainRows) {
     GemmRows<kMainRows, kAccumulate, kTransA>(
-        K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc);
+        K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc,
+        alpha);
   }
   if (split) {
     for (; r < R; r += kMainRows - 1) {
       GemmRows<kMainRows - 1, kAccumulate, kTransA>(
-          K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc);
+          K, N, ARows<kTransA>(A, lda, r), lda, B, ldb, C + r * ldc, ldc,
+          alpha);
     }
   }
   for (; r + 4 <= R; r += 4) {
     GemmRows<4, kAccumulate, kTransA>(K, N, ARows<kTransA>(A, lda, r), lda, B,
-                                      ldb, C + r * ldc, ldc);
+                                      ldb, C + r * ldc, ldc, alpha);
   }
   for (; r < R; ++r) {
     GemmRows<1, kAccumulate, kTransA>(K, N, ARows<kTransA>(A, lda, r), lda, B,
-                                      ldb, C + r * ldc, ldc);
+                                      ldb, C + r * ldc, ldc, alpha);
   }
 }
 
@@ -141,6 +151,26 @@ inline float HorizontalSum(const Vec& v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+}
+
+// Whether none of x[0 .. count) is inf or NaN (exponent bits all ones); an
+// integer max the compiler vectorises.
+bool AllFinite(const float* x, int64_t count) {
+  constexpr uint32_t kExponent = 0x7F800000;
+  uint32_t top = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    top = std::max(top, bits & kExponent);
+  }
+  return top != kExponent;
+}
+
+bool HasNaN(const float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::isnan(x[i])) return true;
+  }
+  return false;
 }
 
 // exp(x) for x <= 0 lane-wise, about 1 ulp; x < -87 (and -inf) gives exactly
@@ -218,21 +248,29 @@ constexpr int64_t kGroupRows = 128;
 // accumulator rows are loaded and stored once per step, not once per block.
 constexpr int64_t kMergeColumns = 64;
 
-// Walks the tiles of up to `max_group` consecutive query blocks of one head
-// together, in key-block order, one step of up to `max_merge` key blocks at a
-// time. In a step every key block is attended by the same query blocks
-// (active(g)); those form runs of consecutive blocks, each run one GEMM.
+// The smallest supported block size bounds the blocks per group and step.
+constexpr int64_t kMinBlockSize = 16;
+constexpr int64_t kMaxGroupBlocks = kGroupRows / kMinBlockSize;
+constexpr int64_t kMaxMergeBlocks = kMergeColumns / kMinBlockSize;
+
+// Blocks per query group and key blocks per step for block size bs.
+int64_t GroupBlocks(int64_t bs) {
+  return std::clamp<int64_t>(kGroupRows / bs, 1, kMaxGroupBlocks);
+}
+int64_t MergeBlocks(int64_t bs) {
+  return std::clamp<int64_t>(kMergeColumns / bs, 1, kMaxMergeBlocks);
+}
+
+// Walks the tiles of up to kMaxGroupBlocks consecutive query blocks of one
+// head together, in key-block order, one step of up to `max_merge` (at most
+// kMaxMergeBlocks) key blocks at a time. In a step every key block is
+// attended by the same query blocks (active(g)); those form runs of
+// consecutive blocks, each run one GEMM. The state lives in fixed arrays: a
+// walk allocates nothing.
 class TileWalk {
  public:
-  TileWalk(const LayoutTables& lay, int64_t max_group, int64_t max_merge)
-      : lay_(lay),
-        max_merge_(max_merge),
-        cursor_(max_group),
-        stop_(max_group),
-        entry_(max_group * max_merge),
-        key_blocks_(max_merge),
-        step_active_(max_group),
-        lead_active_(max_group) {}
+  TileWalk(const LayoutTables& lay, int64_t max_merge)
+      : lay_(lay), max_merge_(max_merge) {}
 
   // Starts on query blocks first_block .. first_block + group_blocks - 1.
   void Start(int64_t head, int64_t first_block, int64_t group_blocks) {
@@ -290,7 +328,7 @@ class TileWalk {
  private:
   // The smallest key block at any cursor (-1 when none is left); sets which
   // query blocks have it next.
-  int64_t FindNext(std::vector<char>* has) const {
+  int64_t FindNext(std::array<char, kMaxGroupBlocks>* has) const {
     int64_t kb = -1;
     for (int64_t g = 0; g < group_blocks_; ++g) {
       if (cursor_[g] < stop_[g] && (kb < 0 || lay_.col_idx[cursor_[g]] < kb)) {
@@ -309,17 +347,12 @@ class TileWalk {
   int64_t group_blocks_ = 0;
   int64_t count_ = 0;
   int64_t lead_key_ = -1;  // first key block of the next step, -1 at end
-  std::vector<int32_t> cursor_, stop_, entry_;
-  std::vector<int64_t> key_blocks_;
+  std::array<int32_t, kMaxGroupBlocks> cursor_, stop_;
+  std::array<int32_t, kMaxGroupBlocks * kMaxMergeBlocks> entry_;
+  std::array<int64_t, kMaxMergeBlocks> key_blocks_;
   // Query blocks attending this step's key blocks, and the next step's.
-  std::vector<char> step_active_, lead_active_;
+  std::array<char, kMaxGroupBlocks> step_active_, lead_active_;
 };
-
-// Blocks per query group and key blocks per step for block size bs.
-int64_t GroupBlocks(int64_t bs) { return std::max<int64_t>(1, kGroupRows / bs); }
-int64_t MergeBlocks(int64_t bs) {
-  return std::max<int64_t>(1, kMergeColumns / bs);
-}
 
 // The rows of the step's key blocks from `x` ([n, d] of one (batch, head)) as
 // one [count * bs, d] matrix: x itself for a single block, else copied to buf.
@@ -333,18 +366,59 @@ const float* StepRows(const TileWalk& walk, const float* x, int64_t bs,
   return buf;
 }
 
-// s [rows, count * bs] = a [rows, d] times the step's tile-transposed blocks
-// of xt ([nb, d, bs] of one (batch, head)), then masks the run's tiles when
-// `mask` (query blocks g0 .. g1 - 1 of the group).
+// StepRows copied to buf with every inf or NaN replaced by 0 (the exact pass
+// of a group with non-finite values); sets *replaced when one was.
+const float* FiniteStepRows(const TileWalk& walk, const float* x, int64_t bs,
+                            int64_t d, float* buf, bool* replaced) {
+  *replaced = false;
+  for (int64_t c = 0; c < walk.count(); ++c) {
+    const float* src = x + walk.key_block(c) * bs * d;
+    float* dst = buf + c * bs * d;
+    for (int64_t e = 0; e < bs * d; ++e) {
+      const bool finite = std::isfinite(src[e]);
+      dst[e] = finite ? src[e] : 0.0f;
+      *replaced |= !finite;
+    }
+  }
+  return buf;
+}
+
+// For the rows of s [rows, width] (masked scores of the step, before the
+// softmax), adds to poison [rows, d] the non-finite entries of the value rows
+// of every key they attend (score not -inf): sum_j p_ij v_j with p_ij > 0
+// has, in each column, exactly the inf or NaN that these sums have, for
+// values that FiniteStepRows replaced by 0.
+void AddNonFiniteValues(const TileWalk& walk, const float* x, int64_t bs,
+                        int64_t d, int64_t rows, const float* s,
+                        float* poison) {
+  const int64_t width = walk.count() * bs;
+  for (int64_t j = 0; j < width; ++j) {
+    const float* xj = x + (walk.key_block(j / bs) * bs + j % bs) * d;
+    if (AllFinite(xj, d)) continue;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (s[i * width + j] == kNegInf) continue;
+      for (int64_t c = 0; c < d; ++c) {
+        if (!std::isfinite(xj[c])) poison[i * d + c] += xj[c];
+      }
+    }
+  }
+}
+
+// s [rows, count * bs] = alpha times a [rows, d] times the step's
+// tile-transposed blocks of xt ([nb, d, bs] of one (batch, head)), then
+// masks the run's tiles when `mask` (query blocks g0 .. g1 - 1 of the group).
+// With alpha = scale, s holds the scores scale * q.k rounded once, so the
+// softmax's max and differences are exact.
 void StepScores(const AttentionShape& shape, const LayoutTables& lay,
                 const TileWalk& walk, int64_t b, int64_t h, int64_t g0,
-                int64_t g1, const float* a, const float* xt, bool mask,
-                float* s) {
+                int64_t g1, const float* a, const float* xt, float alpha,
+                bool mask, float* s) {
   const int64_t bs = lay.block_size, d = shape.head_dim;
   const int64_t rows = (g1 - g0) * bs, width = walk.count() * bs;
   for (int64_t c = 0; c < walk.count(); ++c) {
     const int64_t kb = walk.key_block(c);
-    Gemm<false>(rows, d, bs, a, d, xt + kb * d * bs, bs, s + c * bs, width);
+    Gemm<false>(rows, d, bs, a, d, xt + kb * d * bs, bs, s + c * bs, width,
+                alpha);
     if (!mask) continue;
     for (int64_t g = g0; g < g1; ++g) {
       const int32_t id = walk.mask(c, g);
@@ -356,21 +430,24 @@ void StepScores(const AttentionShape& shape, const LayoutTables& lay,
   }
 }
 
-// One online-softmax step for `rows` rows of raw scores s [rows, width]
+// One online-softmax step for `rows` rows of (scaled) scores s [rows, width]
 // (width a multiple of kLanes): updates the running max m and sum l,
 // rescales acc [rows, d] and leaves the unnormalised probabilities
-// exp(scale * s - m) in s.
-void OnlineSoftmaxRows(int64_t rows, int64_t width, int64_t d, float scale,
-                       float* s, float* m, float* l, float* acc) {
+// exp(s - m) in s. m is the largest score that is not NaN, so every exponent
+// is exactly <= 0; a NaN score makes the row NaN through its exp, or, where
+// nothing else was attended so far, through l.
+void OnlineSoftmaxRows(int64_t rows, int64_t width, int64_t d, float* s,
+                       float* m, float* l, float* acc) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * width;
-    Vec vmax = Load(row);
-    for (int64_t j = kLanes; j < width; j += kLanes) {
+    Vec vmax = Broadcast(kNegInf);
+    for (int64_t j = 0; j < width; j += kLanes) {
       const Vec x = Load(row + j);
-      vmax = x > vmax ? x : vmax;
+      vmax = x > vmax ? x : vmax;  // NaN compares false: skipped
     }
-    const float m_new = std::max(m[i], HorizontalMax(vmax) * scale);
+    const float m_new = std::max(m[i], HorizontalMax(vmax));
     if (m_new == kNegInf) {  // nothing attended yet in this row
+      if (HasNaN(row, width)) l[i] = kNaN;  // stays NaN: l * alpha + sum
       std::fill(row, row + width, 0.0f);
       continue;
     }
@@ -379,7 +456,7 @@ void OnlineSoftmaxRows(int64_t rows, int64_t width, int64_t d, float scale,
     const Vec shift = Broadcast(m_new);
     Vec vsum{};
     for (int64_t j = 0; j < width; j += kLanes) {
-      const Vec p = ExpNonPositive(Load(row + j) * scale - shift);
+      const Vec p = ExpNonPositive(Load(row + j) - shift);
       Store(row + j, p);
       vsum += p;
     }
@@ -392,13 +469,46 @@ void OnlineSoftmaxRows(int64_t rows, int64_t width, int64_t d, float scale,
   }
 }
 
+// out = acc / l (+ poison, when not null), lse = m + log(l) and stats =
+// (m, log l) for `rows` rows of d columns; a row with l = 0 attended
+// nothing: zeros, lse -inf and stats (-inf, -inf). Returns whether out is
+// all finite.
+bool FinishRows(int64_t rows, int64_t d, const float* acc,
+                const float* poison, const float* m, const float* l,
+                float* out, float* lse, float* stats) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * d;
+    const float log_l = std::log(l[i]);
+    stats[2 * i] = m[i];
+    stats[2 * i + 1] = log_l;
+    if (l[i] == 0.0f) {
+      std::fill(o, o + d, 0.0f);
+      lse[i] = kNegInf;
+      continue;
+    }
+    const float inv = 1.0f / l[i];
+    for (int64_t c = 0; c < d; ++c) o[c] = acc[i * d + c] * inv;
+    if (poison != nullptr) {
+      for (int64_t c = 0; c < d; ++c) o[c] += poison[i * d + c];
+    }
+    lse[i] = m[i] + log_l;
+  }
+  return AllFinite(out, rows * d);
+}
+
 }  // namespace
+
+bool IsSupportedBlockSize(int64_t block_size) {
+  return block_size == 16 || block_size == 32 || block_size == 64 ||
+         block_size == 128;
+}
 
 void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
                     int64_t block_size, int64_t head_dim, float* dst,
                     const ParallelFor& parallel_for) {
   const int64_t tile = block_size * head_dim;
-  parallel_for(groups * num_blocks, 2 * tile, [&](int64_t begin, int64_t end) {
+  parallel_for(groups * num_blocks, 2 * tile,
+               [&](int64_t begin, int64_t end, int /*worker*/) {
     for (int64_t t = begin; t < end; ++t) {
       const float* s = src + t * tile;  // [bs, d]
       float* o = dst + t * tile;        // [d, bs]
@@ -414,7 +524,8 @@ void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
 void RowDeltas(const float* dout, const float* out, const float* dlse,
                int64_t rows, int64_t head_dim, float* delta,
                const ParallelFor& parallel_for) {
-  parallel_for(rows, 2 * head_dim, [&](int64_t begin, int64_t end) {
+  parallel_for(rows, 2 * head_dim,
+               [&](int64_t begin, int64_t end, int /*worker*/) {
     for (int64_t r = begin; r < end; ++r) {
       float s = 0.0f;
       for (int64_t c = 0; c < head_dim; ++c) {
@@ -423,6 +534,22 @@ void RowDeltas(const float* dout, const float* out, const float* dlse,
       delta[r] = s - (dlse != nullptr ? dlse[r] : 0.0f);
     }
   });
+}
+
+int64_t ForwardWorkspaceFloats(const AttentionShape& shape,
+                               const LayoutTables& layout) {
+  const int64_t bs = layout.block_size, d = shape.head_dim;
+  const int64_t rows = GroupBlocks(bs) * bs, width = MergeBlocks(bs) * bs;
+  // s, v_buf, acc, poison, m, l.
+  return rows * width + width * d + 2 * rows * d + 2 * rows;
+}
+
+int64_t BackwardWorkspaceFloats(const AttentionShape& shape,
+                                const LayoutTables& layout) {
+  const int64_t bs = layout.block_size, d = shape.head_dim;
+  const int64_t rows = GroupBlocks(bs) * bs, width = MergeBlocks(bs) * bs;
+  // p, dp, k_buf.
+  return 2 * rows * width + width * d;
 }
 
 void BlockSparseAttentionForward(const ForwardArgs& args,
@@ -437,14 +564,19 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
   const int64_t tiles_per_group =
       std::max<int64_t>(1, nnz / std::max<int64_t>(1, H * groups));
   const int64_t cost = tiles_per_group * bs * bs * (4 * d + 20);
+  const int64_t workspace = ForwardWorkspaceFloats(shape, lay);
 
   // Unit: (batch, head, group of G query blocks). Each step of the walk is
   // one online-softmax update of the group's active rows.
-  parallel_for(shape.batch * H * groups, cost, [&](int64_t begin,
-                                                   int64_t end) {
-    TileWalk walk(lay, G, M);
-    std::vector<float> s(G * bs * M * bs), v_buf(M * bs * d);
-    std::vector<float> acc(G * bs * d), m(G * bs), l(G * bs);
+  parallel_for(shape.batch * H * groups, cost, [&](int64_t begin, int64_t end,
+                                                   int worker) {
+    float* s = args.workspace + worker * workspace;  // [G * bs, M * bs]
+    float* v_buf = s + G * bs * M * bs;              // [M * bs, d]
+    float* acc = v_buf + M * bs * d;                 // [G * bs, d]
+    float* poison = acc + G * bs * d;                // [G * bs, d]
+    float* m = poison + G * bs * d;                  // [G * bs]
+    float* l = m + G * bs;                           // [G * bs]
+    TileWalk walk(lay, M);
     for (int64_t unit = begin; unit < end; ++unit) {
       // Later groups attend more key blocks; alternating light and heavy
       // groups keeps any contiguous range of units near the average cost.
@@ -454,35 +586,48 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
       const int64_t b = bh / H, h = bh % H;
       const int64_t qb0 = group * G;
       const int64_t g_count = std::min(G, nb - qb0);
-      const float* q = args.q + (bh * n + qb0 * bs) * d;  // [g_count*bs, d]
+      const int64_t rows_total = g_count * bs;
+      const float* q = args.q + (bh * n + qb0 * bs) * d;  // [rows_total, d]
       const float* kt = args.kt + bh * n * d;              // [nb, d, bs]
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.0f);
-      walk.Start(h, qb0, g_count);
-      while (walk.Next()) {
-        const int64_t width = walk.count() * bs;
-        // [width, d]
-        const float* v = StepRows(walk, args.v + bh * n * d, bs, d,
-                                  v_buf.data());
-        walk.ForEachRun([&](int64_t g0, int64_t g1) {
-          const int64_t rows = (g1 - g0) * bs;
-          float* acc_run = acc.data() + g0 * bs * d;  // [rows, d]
-          // Raw scores q.k [rows, width]; the scale (> 0) is applied inside
-          // the softmax.
-          StepScores(shape, lay, walk, b, h, g0, g1, q + g0 * bs * d, kt,
-                     /*mask=*/true, s.data());
-          OnlineSoftmaxRows(rows, width, d, shape.scale, s.data(),
-                            m.data() + g0 * bs, l.data() + g0 * bs, acc_run);
-          Gemm<true>(rows, width, d, s.data(), width, v, d, acc_run, d);
-        });
-      }
-      float* out = args.out + (bh * n + qb0 * bs) * d;
-      float* lse = args.lse + bh * n + qb0 * bs;
-      for (int64_t i = 0; i < g_count * bs; ++i) {
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        for (int64_t c = 0; c < d; ++c) out[i * d + c] = acc[i * d + c] * inv;
-        lse[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : kNegInf;
+      const float* v_bh = args.v + bh * n * d;             // [n, d]
+      float* out = args.out + (bh * n + qb0 * bs) * d;     // [rows_total, d]
+      float* lse = args.lse + bh * n + qb0 * bs;           // [rows_total]
+      float* stats = args.stats + 2 * (bh * n + qb0 * bs);  // [rows_total, 2]
+      // A group whose output is not finite is computed again in an exact
+      // pass: a value row with an inf or NaN would otherwise reach, as
+      // 0 * NaN in the GEMM, rows that do not attend it.
+      for (const bool exact : {false, true}) {
+        std::fill(acc, acc + rows_total * d, 0.0f);
+        std::fill(m, m + rows_total, kNegInf);
+        std::fill(l, l + rows_total, 0.0f);
+        if (exact) std::fill(poison, poison + rows_total * d, 0.0f);
+        walk.Start(h, qb0, g_count);
+        while (walk.Next()) {
+          const int64_t width = walk.count() * bs;
+          bool non_finite = false;
+          // [width, d]
+          const float* v =
+              exact ? FiniteStepRows(walk, v_bh, bs, d, v_buf, &non_finite)
+                    : StepRows(walk, v_bh, bs, d, v_buf);
+          walk.ForEachRun([&](int64_t g0, int64_t g1) {
+            const int64_t rows = (g1 - g0) * bs;
+            float* acc_run = acc + g0 * bs * d;  // [rows, d]
+            // Scores scale * q.k [rows, width].
+            StepScores(shape, lay, walk, b, h, g0, g1, q + g0 * bs * d, kt,
+                       shape.scale, /*mask=*/true, s);
+            if (non_finite) {
+              AddNonFiniteValues(walk, v_bh, bs, d, rows, s,
+                                 poison + g0 * bs * d);
+            }
+            OnlineSoftmaxRows(rows, width, d, s, m + g0 * bs, l + g0 * bs,
+                              acc_run);
+            Gemm<true>(rows, width, d, s, width, v, d, acc_run, d);
+          });
+        }
+        if (FinishRows(rows_total, d, acc, exact ? poison : nullptr, m, l,
+                       out, lse, stats)) {
+          break;
+        }
       }
     }
   });
@@ -500,17 +645,21 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   const int64_t cost =
       std::max<int64_t>(1, nnz / H) * bs * bs * (10 * d + 30);
   const float scale = shape.scale;
+  const int64_t workspace = BackwardWorkspaceFloats(shape, lay);
 
   // Unit: (batch, head), so that one thread owns the head's dK and dV. The
   // walk is the forward's: per group of G query blocks, whose q, dO and dQ
   // stay in cache, steps of key blocks; per step and run, S and dP are tall
   // GEMMs (rows = queries), dK and dV of each key block long ones (depth =
   // queries) and dQ one GEMM of depth `width`.
-  parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end) {
-    TileWalk walk(lay, G, M);
-    // p: probabilities; dp: dP, then dS; both [rows, width] = [query, key].
-    std::vector<float> p(G * bs * M * bs), dp(G * bs * M * bs);
-    std::vector<float> k_buf(M * bs * d);
+  parallel_for(shape.batch * H, cost, [&](int64_t begin, int64_t end,
+                                          int worker) {
+    // p: scores, then probabilities; dp: dP, then dS; both [rows, width] =
+    // [query, key]. k_buf: [M * bs, d].
+    float* p = args.workspace + worker * workspace;
+    float* dp = p + G * bs * M * bs;
+    float* k_buf = dp + G * bs * M * bs;
+    TileWalk walk(lay, M);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* kt = args.kt + bh * n * d;  // [nb, d, bs]
@@ -528,48 +677,56 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
         while (walk.Next()) {
           const int64_t width = walk.count() * bs;
           // [width, d]
-          const float* k = StepRows(walk, args.k + bh * n * d, bs, d,
-                                    k_buf.data());
+          const float* k = StepRows(walk, args.k + bh * n * d, bs, d, k_buf);
           walk.ForEachRun([&](int64_t g0, int64_t g1) {
             const int64_t rows = (g1 - g0) * bs;
             const int64_t row0 = bh * n + (qb0 + g0) * bs;
             const float* q = args.q + row0 * d;         // [rows, d]
             const float* dout = args.dout + row0 * d;   // [rows, d]
-            const float* lse = args.lse + row0;         // [rows]
+            const float* stats = args.stats + 2 * row0;  // [rows, 2]
             const float* delta = args.delta + row0;     // [rows]
-            StepScores(shape, lay, walk, b, h, g0, g1, q, kt, /*mask=*/true,
-                       p.data());
+            StepScores(shape, lay, walk, b, h, g0, g1, q, kt, scale,
+                       /*mask=*/true, p);
             StepScores(shape, lay, walk, b, h, g0, g1, dout, vt,
-                       /*mask=*/false, dp.data());
+                       /*alpha=*/1.0f, /*mask=*/false, dp);
+            const Vec neg_inf = Broadcast(kNegInf);
             for (int64_t i = 0; i < rows; ++i) {
-              // Rows with lse = -inf attended nothing: probability 0.
-              float* p_row = p.data() + i * width;
-              float* ds_row = dp.data() + i * width;
-              if (lse[i] == kNegInf) {
+              // Rows with l = 0 (log l = -inf) attended nothing: P = 0.
+              float* p_row = p + i * width;
+              float* ds_row = dp + i * width;
+              if (stats[2 * i + 1] == kNegInf) {
                 std::fill(p_row, p_row + width, 0.0f);
                 std::fill(ds_row, ds_row + width, 0.0f);
                 continue;
               }
-              // dS = P (dP - delta), times the scale that S = scale q.k
-              // carries into dQ and dK.
-              const Vec shift = Broadcast(lse[i]);
+              // P = exp((S - m) - log l): S - m is exact and <= 0, so the
+              // exponent is <= 0 and as precise as S - m. dS = P (dP -
+              // delta), times the scale that S = scale q.k carries into dQ
+              // and dK. Masked-out scores (-inf) get P and dS exactly 0, even
+              // where the stats, dP or delta are NaN.
+              const Vec row_max = Broadcast(stats[2 * i]);
+              const Vec log_l = Broadcast(stats[2 * i + 1]);
               const Vec delta_i = Broadcast(delta[i]);
               for (int64_t j = 0; j < width; j += kLanes) {
-                const Vec p_j = ExpNonPositive(Load(p_row + j) * scale - shift);
+                const Vec s_j = Load(p_row + j);
+                const IntVec masked = s_j == neg_inf;
+                const Vec p_j =
+                    masked ? Vec{} : ExpNonPositive((s_j - row_max) - log_l);
+                const Vec ds_j = p_j * scale * (Load(ds_row + j) - delta_i);
                 Store(p_row + j, p_j);
-                Store(ds_row + j, p_j * scale * (Load(ds_row + j) - delta_i));
+                Store(ds_row + j, masked ? Vec{} : ds_j);
               }
             }
             for (int64_t c = 0; c < walk.count(); ++c) {
               const int64_t x = walk.key_block(c) * bs * d;
               // dV += P^T dO and dK += dS^T Q.
-              Gemm<true, true>(bs, rows, d, p.data() + c * bs, width, dout, d,
+              Gemm<true, true>(bs, rows, d, p + c * bs, width, dout, d,
                                dv + x, d);
-              Gemm<true, true>(bs, rows, d, dp.data() + c * bs, width, q, d,
-                               dk + x, d);
+              Gemm<true, true>(bs, rows, d, dp + c * bs, width, q, d, dk + x,
+                               d);
             }
             // dQ += dS K.
-            Gemm<true>(rows, width, d, dp.data(), width, k, d,
+            Gemm<true>(rows, width, d, dp, width, k, d,
                        dq + (qb0 + g0) * bs * d, d);
           });
         }

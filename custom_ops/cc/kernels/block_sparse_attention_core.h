@@ -12,6 +12,11 @@
 // Shapes: q, k, v, out are [batch, heads, n, head_dim] row-major; lse is
 // [batch, heads, n]. "Tile-transposed" buffers hold, for every block of bs
 // tokens, the [head_dim, bs] transpose: [batch, heads, nb, head_dim, bs].
+//
+// Nothing here allocates: the forward and backward passes take a workspace
+// of {Forward,Backward}WorkspaceFloats() floats per worker of the
+// parallel-for, which the caller allocates (and can fail to allocate) up
+// front.
 #ifndef ST_KERAS_CUSTOM_OPS_CC_KERNELS_BLOCK_SPARSE_ATTENTION_CORE_H_
 #define ST_KERAS_CUSTOM_OPS_CC_KERNELS_BLOCK_SPARSE_ATTENTION_CORE_H_
 
@@ -20,16 +25,21 @@
 
 namespace st_keras {
 
-// Runs fn(begin, end) over [0, total) in parallel; cost_per_unit is a rough
-// count of floating-point operations per unit, for sharding.
+// Runs fn(begin, end, worker) over [0, total) in parallel; cost_per_unit is
+// a rough count of floating-point operations per unit, for sharding. worker
+// is in [0, workers) for the workers the caller allocated workspace for, and
+// no two calls running at the same time get the same worker.
 using ParallelFor = std::function<void(
     int64_t total, int64_t cost_per_unit,
-    const std::function<void(int64_t, int64_t)>& fn)>;
+    const std::function<void(int64_t, int64_t, int)>& fn)>;
+
+// Block sizes the kernels support: 16, 32, 64 and 128.
+bool IsSupportedBlockSize(int64_t block_size);
 
 struct LayoutTables {
   int num_heads = 0;   // heads of the layout (== heads of q)
   int num_blocks = 0;  // nb = n / block_size
-  int block_size = 0;  // bs
+  int block_size = 0;  // bs, a supported block size
   int64_t num_masks = 0;
   const int32_t* row_ptr = nullptr;       // [num_heads * nb + 1]
   const int32_t* col_idx = nullptr;       // [nnz]
@@ -42,6 +52,8 @@ struct AttentionShape {
   int64_t heads = 0;
   int64_t seq_len = 0;  // n, a multiple of the block size
   int64_t head_dim = 0;
+  // Positive and finite. Scores are scale times q.k, rounded once before
+  // the softmax's max and differences, which are then exact.
   float scale = 1.0f;
   // Optional per-example key lengths [batch]: key at original position j of
   // example b is attended only when j < key_lengths[b].
@@ -59,6 +71,11 @@ struct ForwardArgs {
   const float* v = nullptr;   // [B, H, n, d]
   float* out = nullptr;       // [B, H, n, d]
   float* lse = nullptr;       // [B, H, n]; -inf for rows with no key
+  // [B, H, n, 2]: each row's max score m and log l, l = sum exp(s - m);
+  // lse = m + log l rounds log l away where |m| is large, so the backward
+  // pass takes these.
+  float* stats = nullptr;
+  float* workspace = nullptr;  // [workers, ForwardWorkspaceFloats()]
 };
 
 struct BackwardArgs {
@@ -69,11 +86,12 @@ struct BackwardArgs {
   const float* kt = nullptr;     // tile-transposed keys [B, H, nb, d, bs]
   const float* vt = nullptr;     // tile-transposed values [B, H, nb, d, bs]
   const float* dout = nullptr;   // [B, H, n, d]
-  const float* lse = nullptr;    // [B, H, n] from the forward pass
+  const float* stats = nullptr;  // [B, H, n, 2] from the forward pass
   const float* delta = nullptr;  // [B, H, n]: rowsum(dout * out) - dlse
   float* dq = nullptr;           // [B, H, n, d], overwritten
   float* dk = nullptr;           // [B, H, n, d], overwritten
   float* dv = nullptr;           // [B, H, n, d], overwritten
+  float* workspace = nullptr;    // [workers, BackwardWorkspaceFloats()]
 };
 
 // Writes, for each of `groups` sequences of n = num_blocks * bs rows of
@@ -87,13 +105,26 @@ void RowDeltas(const float* dout, const float* out, const float* dlse,
                int64_t rows, int64_t head_dim, float* delta,
                const ParallelFor& parallel_for);
 
+// Floats of workspace each worker of the forward (backward) pass needs.
+int64_t ForwardWorkspaceFloats(const AttentionShape& shape,
+                               const LayoutTables& layout);
+int64_t BackwardWorkspaceFloats(const AttentionShape& shape,
+                                const LayoutTables& layout);
+
 // Online-softmax attention over the layout's tiles; parallel over
-// (batch, head, group of consecutive query blocks).
+// (batch, head, group of consecutive query blocks). Non-finite inputs give
+// exactly the outputs exact arithmetic gives: a NaN score in an allowed
+// position makes its row NaN, and a non-finite value v[j, c] reaches
+// out[i, c] for exactly the rows i that attend key j (a row with no allowed
+// key stays zero).
 void BlockSparseAttentionForward(const ForwardArgs& args,
                                  const ParallelFor& parallel_for);
 
-// Gradients recomputing scores from q, k and the saved lse; walks the tiles
-// in the forward's order, parallel over (batch, head).
+// Gradients recomputing scores from q, k and the saved stats; walks the tiles
+// in the forward's order, parallel over (batch, head). Masked-out scores get
+// probability and dS exactly 0, so NaN of a row or key reaches the gradients
+// through its allowed positions (the tile GEMMs still spread it, as 0 * NaN,
+// to the rows and keys that share a tile with it).
 void BlockSparseAttentionBackward(const BackwardArgs& args,
                                   const ParallelFor& parallel_for);
 

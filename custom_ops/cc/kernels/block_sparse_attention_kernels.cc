@@ -1,5 +1,6 @@
 // TensorFlow CPU kernels of fused block-sparse attention: input validation,
-// dtype conversion to float32 and the thread pool; the math is in
+// dtype conversion to float32, every allocation (as TensorFlow tensors, so a
+// failure is an error status) and the thread pool; the math is in
 // block_sparse_attention_core.cc.
 #define EIGEN_USE_THREADS
 
@@ -26,13 +27,29 @@ absl::Status InvalidArg(const Args&... args) {
   return absl::InvalidArgumentError(absl::StrCat(args...));
 }
 
+thread::ThreadPool* Workers(OpKernelContext* ctx) {
+  return ctx->device()->tensorflow_cpu_worker_threads()->workers;
+}
+
+// Worker ids are those of ParallelForWithWorkerId: 0 for the calling thread,
+// 1 .. NumThreads() for the pool's.
 ::st_keras::ParallelFor MakeParallelFor(OpKernelContext* ctx) {
-  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  thread::ThreadPool* workers = Workers(ctx);
   return [workers](int64_t total, int64_t cost,
-                   const std::function<void(int64_t, int64_t)>& fn) {
-    workers->ParallelFor(
+                   const std::function<void(int64_t, int64_t, int)>& fn) {
+    workers->ParallelForWithWorkerId(
         total, thread::ThreadPool::SchedulingParams::Adaptive(cost), fn);
   };
+}
+
+// Scratch of `floats_per_worker` floats for each worker MakeParallelFor can
+// run: [NumThreads() + 1, floats_per_worker].
+absl::Status AllocateWorkspace(OpKernelContext* ctx, int64_t floats_per_worker,
+                               Tensor* workspace) {
+  TensorShape shape;
+  TF_RETURN_IF_ERROR(TensorShape::BuildTensorShape(
+      {Workers(ctx)->NumThreads() + 1, floats_per_worker}, &shape));
+  return ctx->allocate_temp(DT_FLOAT, shape, workspace);
 }
 
 // Checks the tile table: ptr [heads * nb + 1] nondecreasing from 0 to nnz,
@@ -116,9 +133,9 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input, float sca
         masks.shape().DebugString());
   }
   const int64_t bs = masks.dim_size(1);
-  if (bs % 16 != 0) {
-    return InvalidArg("block size (masks.shape[1]) must be a multiple of 16, "
-                      "got ", bs);
+  if (!::st_keras::IsSupportedBlockSize(bs)) {
+    return InvalidArg("block size (masks.shape[1]) must be one of 16, 32, 64, "
+                      "128, got ", bs);
   }
   if (n % bs != 0) {
     return InvalidArg("sequence length n = ", n,
@@ -220,12 +237,16 @@ class BlockSparseAttentionOp : public OpKernel {
     const Tensor& q = ctx->input(0);
     Tensor* out = nullptr;
     Tensor* lse = nullptr;
+    Tensor* stats = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &out));
     TensorShape lse_shape({q.dim_size(0), q.dim_size(1), q.dim_size(2)});
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, lse_shape, &lse));
+    TensorShape stats_shape = lse_shape;
+    stats_shape.AddDim(2);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, stats_shape, &stats));
     if (q.NumElements() == 0) return;
 
-    Tensor q32, k32, v32, out32, kt;
+    Tensor q32, k32, v32, out32, kt, workspace;
     ::st_keras::ForwardArgs args;
     args.shape = in.shape;
     args.layout = in.layout;
@@ -235,7 +256,14 @@ class BlockSparseAttentionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(2), &v32, &args.v));
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, out, &out32, &args.out));
+    OP_REQUIRES_OK(ctx, AllocateWorkspace(
+                            ctx,
+                            ::st_keras::ForwardWorkspaceFloats(in.shape,
+                                                               in.layout),
+                            &workspace));
     args.lse = lse->flat<float>().data();
+    args.stats = stats->flat<float>().data();
+    args.workspace = workspace.flat<float>().data();
     auto parallel_for = MakeParallelFor(ctx);
     const int64_t bh = in.shape.batch * in.shape.heads;
     ::st_keras::TransposeTiles(k, bh, in.layout.num_blocks,
@@ -266,23 +294,27 @@ class BlockSparseAttentionGradOp : public OpKernel {
                                     &in));
     const Tensor& q = ctx->input(0);
     const Tensor& out = ctx->input(3);
-    const Tensor& lse = ctx->input(4);
+    const Tensor& stats = ctx->input(4);
     const Tensor& dout = ctx->input(5);
     const Tensor& dlse = ctx->input(6);
     const TensorShape lse_shape({q.dim_size(0), q.dim_size(1),
                                  q.dim_size(2)});
+    TensorShape stats_shape = lse_shape;
+    stats_shape.AddDim(2);
     OP_REQUIRES(ctx, out.shape() == q.shape() && dout.shape() == q.shape(),
                 InvalidArg(
                     "out and dout must have the shape of q ",
                     q.shape().DebugString(), ", got ",
                     out.shape().DebugString(), " and ",
                     dout.shape().DebugString()));
-    OP_REQUIRES(ctx, lse.shape() == lse_shape && dlse.shape() == lse_shape,
-                InvalidArg(
-                    "lse and dlse must have shape [batch, heads, n] = ",
-                    lse_shape.DebugString(), ", got ",
-                    lse.shape().DebugString(), " and ",
-                    dlse.shape().DebugString()));
+    OP_REQUIRES(ctx, stats.shape() == stats_shape,
+                InvalidArg("stats must have shape [batch, heads, n, 2] = ",
+                           stats_shape.DebugString(), ", got ",
+                           stats.shape().DebugString()));
+    OP_REQUIRES(ctx, dlse.shape() == lse_shape,
+                InvalidArg("dlse must have shape [batch, heads, n] = ",
+                           lse_shape.DebugString(), ", got ",
+                           dlse.shape().DebugString()));
     Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, q.shape(), &dq));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, q.shape(), &dk));
@@ -293,6 +325,7 @@ class BlockSparseAttentionGradOp : public OpKernel {
     args.shape = in.shape;
     args.layout = in.layout;
     Tensor q32, k32, v32, out32, dout32, kt, vt, delta, dq32, dk32, dv32;
+    Tensor workspace;
     const float* out_f = nullptr;
     const float* v = nullptr;
     OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &q32, &args.q));
@@ -306,6 +339,12 @@ class BlockSparseAttentionGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, dq, &dq32, &args.dq));
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, dk, &dk32, &args.dk));
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, dv, &dv32, &args.dv));
+    OP_REQUIRES_OK(ctx, AllocateWorkspace(
+                            ctx,
+                            ::st_keras::BackwardWorkspaceFloats(in.shape,
+                                                                in.layout),
+                            &workspace));
+    args.workspace = workspace.flat<float>().data();
 
     auto parallel_for = MakeParallelFor(ctx);
     const int64_t bh = in.shape.batch * in.shape.heads;
@@ -320,7 +359,7 @@ class BlockSparseAttentionGradOp : public OpKernel {
                           delta.flat<float>().data(), parallel_for);
     args.kt = kt.flat<float>().data();
     args.vt = vt.flat<float>().data();
-    args.lse = lse.flat<float>().data();
+    args.stats = stats.flat<float>().data();
     args.delta = delta.flat<float>().data();
     ::st_keras::BlockSparseAttentionBackward(args, parallel_for);
     FinishOutput<T>(ctx, dq32, dq);

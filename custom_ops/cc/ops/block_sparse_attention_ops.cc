@@ -24,6 +24,7 @@ REGISTER_OP("SparseTransformer>BlockSparseAttention")
     .ST_KERAS_LAYOUT_INPUTS
     .Output("out: T")
     .Output("lse: float")
+    .Output("stats: float")
     .Attr("T: {float, half, bfloat16}")
     .Attr("scale: float")
     .SetShapeFn([](InferenceContext* c) {
@@ -31,8 +32,11 @@ REGISTER_OP("SparseTransformer>BlockSparseAttention")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &q));
       ShapeHandle lse;
       TF_RETURN_IF_ERROR(c->Subshape(q, 0, 3, &lse));
+      ShapeHandle stats;
+      TF_RETURN_IF_ERROR(c->Concatenate(lse, c->Vector(2), &stats));
       c->set_output(0, q);
       c->set_output(1, lse);
+      c->set_output(2, stats);
       return absl::OkStatus();
     })
     .Doc(R"doc(
@@ -47,6 +51,9 @@ row_ptr, col_idx, mask_idx: row-major tile table of the layout.
 masks: [num_masks, block_size, block_size] token masks of partial tiles.
 out: [batch, heads, n, head_dim]; rows with no allowed key are zero.
 lse: [batch, heads, n] float32 log-sum-exp of each row's scores (-inf if none).
+stats: [batch, heads, n, 2] float32 each row's max score m and log l, l the
+  sum of exp(score - m) (-inf, -inf if none): what the gradient op takes, as
+  lse = m + log l loses log l where |m| is large. Not differentiable.
 )doc");
 
 REGISTER_OP("SparseTransformer>BlockSparseAttentionGrad")
@@ -54,7 +61,7 @@ REGISTER_OP("SparseTransformer>BlockSparseAttentionGrad")
     .Input("k: T")
     .Input("v: T")
     .Input("out: T")
-    .Input("lse: float")
+    .Input("stats: float")
     .Input("dout: T")
     .Input("dlse: float")
     .ST_KERAS_LAYOUT_INPUTS
@@ -73,8 +80,8 @@ REGISTER_OP("SparseTransformer>BlockSparseAttentionGrad")
     })
     .Doc(R"doc(
 Gradient of SparseTransformer>BlockSparseAttention with respect to q, k, v,
-given the upstream gradients of both outputs (dout and dlse). Scores are
-recomputed from q, k and the saved lse.
+given the upstream gradients of out and lse (dout and dlse). Scores are
+recomputed from q, k and the saved stats.
 )doc");
 
 #undef ST_KERAS_LAYOUT_INPUTS

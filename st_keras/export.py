@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import uuid
+import zipfile
 from typing import Optional, Sequence
 
 import tensorflow as tf
@@ -174,7 +177,7 @@ class ServingModule(tf.Module):
     Args:
       prompt: (batch, p) int32 bytes, p >= 1.
       length: int32 scalar, p + length <= seq_len.
-      temperature: float32 scalar > 0.
+      temperature: float32 scalar, finite and > 0.
       seed: int64 scalar; the same seed gives the same bytes.
 
     Returns:
@@ -186,11 +189,15 @@ class ServingModule(tf.Module):
     checks = _byte_checks(prompt, "prompt", model.vocab_size) + [
         tf.debugging.assert_non_negative(
             length, message="length: must be >= 0"),
+        # Compared as length <= seq_len - p: prompt + length could overflow.
         tf.debugging.assert_less_equal(
-            tf.shape(prompt)[1] + length, model.seq_len,
+            length, model.seq_len - tf.shape(prompt)[1],
             message=f"prompt + length: must fit the context {model.seq_len}"),
         tf.debugging.assert_positive(
-            temperature, message="temperature: must be > 0"),
+            temperature, message="temperature: must be finite and > 0"),
+        tf.debugging.assert_less(  # fails for inf and NaN
+            temperature, math.inf,
+            message="temperature: must be finite and > 0"),
     ]
     prompt = _checked(prompt, checks)
     return {"tokens": sample.cached_sample(model, prompt, length,
@@ -221,6 +228,92 @@ def export(model: models.SparseTransformer, path: str,
   return path
 
 
+def export_version(model: models.SparseTransformer, path: str,
+                   custom_op: bool = False) -> str:
+  """Exports `model` to the new local directory `path`, atomically.
+
+  The SavedModel is written to a hidden directory beside `path` (TensorFlow
+  Serving skips it: its name is not a version number), then renamed to
+  `path`: a server never sees a half-written version, and of concurrent
+  exports to one path exactly one succeeds.
+
+  Args:
+    model: a built `SparseTransformer`.
+    path: the version directory to create, e.g. BASE/VERSION.
+    custom_op: as in `export`.
+
+  Returns:
+    `path`.
+
+  Raises:
+    FileExistsError: `path` exists, or another export created it meanwhile.
+  """
+  if os.path.lexists(path):
+    raise FileExistsError(f"{path} exists; pick another version")
+  parent, name = os.path.split(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  temp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+  try:
+    export(model, temp, custom_op=custom_op)
+    _rename_new(temp, path)
+  finally:
+    shutil.rmtree(temp, ignore_errors=True)  # nothing left once renamed
+  return path
+
+
+def _rename_new(source: str, target: str) -> None:
+  """Renames the directory `source` to `target`, which must not exist.
+
+  Args:
+    source: the directory to rename.
+    target: its new path, on the same filesystem.
+
+  Raises:
+    FileExistsError: `target` exists (the rename of a directory fails onto a
+      file or a non-empty directory).
+  """
+  try:
+    os.rename(source, target)
+  except OSError as e:
+    if os.path.lexists(target):
+      raise FileExistsError(f"{target} exists: another export wrote it "
+                            "meanwhile; pick another version") from e
+    raise
+
+
+def _load_model(parser: argparse.ArgumentParser,
+                path: str) -> models.SparseTransformer:
+  """The `SparseTransformer` in the .keras file `path`.
+
+  Args:
+    parser: the CLI's parser, whose `error` reports a bad file.
+    path: the --model argument.
+
+  Returns:
+    The loaded model.
+
+  Raises:
+    SystemExit: (from `parser.error`, naming the path) the file is missing,
+      is not a .keras archive or does not hold a `SparseTransformer`.
+  """
+  if not os.path.exists(path):
+    parser.error(f"--model {path}: file not found")
+  if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+    parser.error(f"--model {path}: could not be read: not a .keras (zip) "
+                 "archive")
+  import keras  # pylint: disable=import-outside-toplevel
+  try:
+    model = keras.models.load_model(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged archive fails in many ways (KeyError, JSON, HDF5, ...).
+    parser.error(f"--model {path}: could not be read as a .keras model: "
+                 f"{type(e).__name__}: {e}")
+  if not isinstance(model, models.SparseTransformer):
+    parser.error(f"--model {path}: holds a {type(model).__name__}, not a "
+                 "SparseTransformer")
+  return model
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`st-export --model RUN/model.keras --output BASE [--version N]`."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -235,12 +328,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   if args.version < 1:
     parser.error(f"--version must be >= 1, got {args.version}")
-  import keras  # pylint: disable=import-outside-toplevel
-  model = keras.models.load_model(args.model)
+  if os.path.exists(args.output) and not os.path.isdir(args.output):
+    parser.error(f"--output {args.output}: exists and is not a directory")
   path = os.path.join(args.output, str(args.version))
-  if os.path.exists(path):
+  if os.path.lexists(path):
     parser.error(f"{path} exists; pick another --version")
-  export(model, path, custom_op=args.custom_op)
+  model = _load_model(parser, args.model)
+  try:
+    export_version(model, path, custom_op=args.custom_op)
+  except OSError as e:  # e.g. FileExistsError: another export won the race
+    parser.error(str(e))
   print(f"exported {', '.join(SIGNATURES)} to {path}")
   return 0
 

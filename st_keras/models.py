@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from st_keras import layouts
 from st_keras import ops
 from st_keras.layers import attention as attention_lib
 from st_keras.layers.embeddings import AxialPositionEmbedding
@@ -39,6 +40,28 @@ def layer_modes(pattern: str, integration: str, num_layers: int) -> list:
   if integration == "interleaved":
     return [parts[r % 2] for r in range(num_layers)]
   return [integration] * num_layers
+
+
+def _check_sizes(**sizes) -> None:
+  """Checks the integer size arguments of `SparseTransformer`.
+
+  Args:
+    **sizes: argument name -> value; every value must be a positive int,
+      block_size one the attention op supports and seq_len a multiple of it.
+
+  Raises:
+    ValueError, naming the first bad argument.
+  """
+  for name, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  block_size = sizes["block_size"]
+  if block_size not in layouts.SUPPORTED_BLOCK_SIZES:
+    raise ValueError(f"block_size must be one of "
+                     f"{layouts.SUPPORTED_BLOCK_SIZES}, got {block_size}")
+  if sizes["seq_len"] % block_size:
+    raise ValueError(f"seq_len {sizes['seq_len']} must be a multiple of "
+                     f"block_size {block_size}")
 
 
 @keras.saving.register_keras_serializable(package="st_keras")
@@ -77,9 +100,10 @@ class SparseTransformer(keras.Model):
     pattern: 'fixed', 'strided', 'dense' or 'local'.
     integration: 'merged', 'multihead' or 'interleaved'.
     stride: the pattern's l.
-    summary: the fixed pattern's c.
+    summary: the fixed pattern's c, a positive int (<= stride for the fixed
+      pattern).
     num_summary_patterns: fixed-pattern summary slots across heads.
-    block_size: attention tile size.
+    block_size: attention tile size: 16, 32, 64 or 128.
     qk_ratio: query/key projection width relative to the value width.
     ff_multiplier: feed-forward width relative to the model width.
     dropout: residual-branch dropout rate.
@@ -92,11 +116,18 @@ class SparseTransformer(keras.Model):
     **kwargs: `keras.Model` arguments (name, dtype, ...).
 
   Call arguments:
-    tokens: (batch, n') int tokens, n' <= n and a multiple of block_size.
+    tokens: (batch, n') int tokens in 0..vocab_size - 1, n' <= n and a
+      multiple of block_size.
     training: whether dropout and recomputation are active.
 
   Returns:
     (batch, n', vocab_size) float32 logits.
+
+  Raises:
+    ValueError: (construction) a bad size argument, named.
+    TypeError: (call) tokens are not integers.
+    tf.errors.InvalidArgumentError: (call, when run) a token is outside
+      0..vocab_size - 1.
   """
 
   def __init__(self, seq_len: int, width: int = 256, num_layers: int = 4,
@@ -111,15 +142,12 @@ class SparseTransformer(keras.Model):
                attention_implementation: Optional[str] = None,
                seed: Optional[int] = None, **kwargs):
     super().__init__(**kwargs)
-    for name, value in (("seq_len", seq_len), ("width", width),
-                        ("num_layers", num_layers), ("num_heads", num_heads),
-                        ("vocab_size", vocab_size),
-                        ("block_size", block_size), ("stride", stride)):
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq_len % block_size:
-      raise ValueError(f"seq_len {seq_len} must be a multiple of block_size "
-                       f"{block_size}")
+    _check_sizes(seq_len=seq_len, width=width, num_layers=num_layers,
+                 num_heads=num_heads, vocab_size=vocab_size,
+                 block_size=block_size, stride=stride, summary=summary)
+    if pattern == "fixed" and summary > stride:
+      raise ValueError(f"summary must be <= stride ({stride}) for the fixed "
+                       f"pattern, got {summary}")
     self.seq_len = seq_len
     self.width = width
     self.num_layers = num_layers
@@ -177,11 +205,42 @@ class SparseTransformer(keras.Model):
     if tokens.shape[1] is not None and tokens.shape[1] > self.seq_len:
       raise ValueError(f"{tokens.shape[1]} tokens exceed the context "
                        f"seq_len={self.seq_len}")
-    h = self.token_embedding(tokens)          # (batch, n, width)
+    h = self.token_embedding(self._checked_tokens(tokens))  # (batch, n, width)
     h = self.position_embedding(h)
     for block in self.blocks:
       h = block(h, training=training)
     return self.logits(self.final_norm(h))    # (batch, n, vocab) float32
+
+  def _checked_tokens(self, tokens):
+    """`tokens` once they have passed a runtime check of their range.
+
+    The embedding's gather would otherwise wrap negative ids and, on some
+    devices, clamp ids >= vocab_size without an error.
+
+    Args:
+      tokens: (batch, n) integer tensor.
+
+    Returns:
+      `tokens`, int32 or int64.
+
+    Raises:
+      TypeError: tokens are not integers.
+      tf.errors.InvalidArgumentError: (when run) a token is outside
+        0..vocab_size - 1.
+    """
+    dtype = tf.as_dtype(tokens.dtype)
+    if not dtype.is_integer:
+      raise TypeError(f"tokens must be integers, got dtype {dtype.name}")
+    if dtype not in (tf.int32, tf.int64):
+      # Exact for the narrower types; uint64 ids >= 2^63 turn negative.
+      tokens = tf.cast(tokens, tf.int64)
+    message = f"tokens must be in 0..{self.vocab_size - 1}"
+    checks = [tf.debugging.assert_non_negative(tokens, message=message),
+              tf.debugging.assert_less(
+                  tokens, tf.cast(self.vocab_size, tokens.dtype),
+                  message=message)]
+    with tf.control_dependencies(checks):
+      return tf.identity(tokens)
 
   def initial_cache(self, batch_size) -> list:
     """Empty per-layer key/value caches for `decode_step` (float32).

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
 import sys
 import wave
@@ -21,14 +23,31 @@ import numpy as np
 import tensorflow as tf
 
 
+def _is_real(value) -> bool:
+  """Whether `value` is a real number (bools are not)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+  """Whether `value` is an integer (bools are not)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-  """Raises ValueError naming the first bad sampling argument."""
-  if not temperature > 0:
-    raise ValueError(f"temperature must be positive, got {temperature}")
-  if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+  """Checks the sampling arguments (see `filter_logits`).
+
+  Raises:
+    ValueError, naming the first bad argument: temperature is not a finite
+      positive number, top_k not an int >= 0, or top_p not in (0, 1].
+  """
+  if not (_is_real(temperature) and math.isfinite(temperature)
+          and temperature > 0):
+    raise ValueError(f"temperature must be a finite number > 0, got "
+                     f"{temperature!r}")
+  if not (_is_int(top_k) and top_k >= 0):
     raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not (_is_real(top_p) and 0.0 < top_p <= 1.0):
+    raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def filter_logits(logits, temperature=1.0, top_k: int = 0,
@@ -137,12 +156,24 @@ def cached_logits(model, tokens):
 
 
 def _check_generate_args(model, prompt: np.ndarray, length: int) -> None:
+  """Checks the prompt and length of `generate`.
+
+  Raises:
+    ValueError, naming the argument: prompt is not a non-empty [batch, p]
+      array of tokens in 0..vocab_size - 1, or length is not an int >= 0
+      with p + length <= seq_len.
+  """
   if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, p] with batch, p >= 1, got "
                      f"shape {prompt.shape}")
+  if not np.issubdtype(prompt.dtype, np.integer):
+    raise ValueError(f"prompt tokens must be integers, got dtype "
+                     f"{prompt.dtype}")
   if prompt.min() < 0 or prompt.max() >= model.vocab_size:
     raise ValueError(f"prompt tokens must be in 0..{model.vocab_size - 1}")
-  if length < 0 or prompt.shape[1] + length > model.seq_len:
+  if not (_is_int(length) and length >= 0):
+    raise ValueError(f"length must be an int >= 0, got {length!r}")
+  if prompt.shape[1] + int(length) > model.seq_len:
     raise ValueError(f"prompt ({prompt.shape[1]}) + length ({length}) must "
                      f"fit the context {model.seq_len}")
 

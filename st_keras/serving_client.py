@@ -56,9 +56,21 @@ def pad_texts(texts: Sequence[bytes]) -> tuple:
 def signature_inputs(signature: str, inputs: Dict[str, object]) -> dict:
   """`inputs` as numpy arrays of the signature's dtypes, checked.
 
+  Values are never wrapped, truncated or rounded to fit: an integer input
+  must hold integers (floats only when whole) within its dtype's range, and
+  a float input finite numbers within its dtype's range.
+
+  Args:
+    signature: 'score', 'next_token' or 'generate'.
+    inputs: the signature's inputs (see SIGNATURE_INPUTS).
+
+  Returns:
+    {input name: numpy array of the signature's dtype}.
+
   Raises:
     ValueError: an unknown signature, a missing or extra input, or an input
-      of the wrong rank (the message names it).
+      of the wrong rank, of non-numbers, or of values its dtype does not
+      hold (the message names it).
   """
   if signature not in SIGNATURE_INPUTS:
     raise ValueError(f"signature must be one of {sorted(SIGNATURE_INPUTS)}, "
@@ -73,8 +85,52 @@ def signature_inputs(signature: str, inputs: Dict[str, object]) -> dict:
     if value.ndim != rank:
       raise ValueError(f"{name}: rank {rank} expected, got shape "
                        f"{value.shape}")
-    out[name] = value.astype(dtype)
+    if np.issubdtype(dtype, np.integer):
+      out[name] = _as_integers(name, value, dtype)
+    else:
+      out[name] = _as_floats(name, value, dtype)
   return out
+
+
+def _as_integers(name: str, value: np.ndarray, dtype) -> np.ndarray:
+  """`value` as `dtype` integers, which must hold it exactly.
+
+  Raises:
+    ValueError, naming the input: the values are not integers (bools,
+      strings, NaN or floats with a fraction) or do not fit `dtype`.
+  """
+  type_name = np.dtype(dtype).name
+  if value.dtype.kind not in "iuf":
+    raise ValueError(f"{name}: {type_name} integers expected, got dtype "
+                     f"{value.dtype}")
+  if value.dtype.kind == "f" and not np.all(np.isfinite(value) &
+                                            (value == np.round(value))):
+    raise ValueError(f"{name}: {type_name} integers expected, got "
+                     "non-integral values")
+  info = np.iinfo(dtype)
+  # .item() gives Python numbers, which compare exactly with the bounds.
+  if value.size and not (info.min <= value.min().item() and
+                         value.max().item() <= info.max):
+    raise ValueError(f"{name}: values must fit {type_name} "
+                     f"({info.min}..{info.max}), got {value.min()}.."
+                     f"{value.max()}")
+  return value.astype(dtype)
+
+
+def _as_floats(name: str, value: np.ndarray, dtype) -> np.ndarray:
+  """`value` as `dtype` floats, which must be finite.
+
+  Raises:
+    ValueError, naming the input: the values are not numbers (bools,
+      strings), not finite, or beyond the range of `dtype`.
+  """
+  if value.dtype.kind not in "iuf":
+    raise ValueError(f"{name}: numbers expected, got dtype {value.dtype}")
+  bad = ~(np.isfinite(value) & (np.abs(value) <= np.finfo(dtype).max))
+  if np.any(bad):
+    raise ValueError(f"{name}: finite {np.dtype(dtype).name} numbers "
+                     f"expected, got {value[bad].ravel()[0]}")
+  return value.astype(dtype)
 
 
 def predict_request(signature: str, inputs: Dict[str, object],

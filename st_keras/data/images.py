@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import glob
 import os
+import zipfile
+import zlib
 from typing import Tuple
 
 import numpy as np
+
+from st_keras.data.text import read_file
 
 CIFAR_SHAPE = (32, 32, 3)
 CIFAR_RECORD = 1 + 32 * 32 * 3  # one label byte, then the image
@@ -62,7 +66,7 @@ def read_cifar10(path: str, split: str = "train") -> Tuple[np.ndarray,
     raise FileNotFoundError(f"no such file or directory: {path!r}")
   records = []
   for name in files:
-    raw = np.fromfile(name, np.uint8)
+    raw = np.frombuffer(read_file(name), np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD:
       raise ValueError(f"{name!r} has {raw.size} bytes, not a positive "
                        f"multiple of the {CIFAR_RECORD}-byte CIFAR-10 "
@@ -76,6 +80,43 @@ def read_cifar10(path: str, split: str = "train") -> Tuple[np.ndarray,
   return channel_major_to_sequence(records[:, 1:], CIFAR_SHAPE), labels
 
 
+def _npz_data(name: str, size: int) -> np.ndarray:
+  """The 'data' array of one downsampled-ImageNet .npz batch, checked.
+
+  Args:
+    name: the .npz file.
+    size: image side.
+
+  Returns:
+    [N >= 1, 3*size*size] uint8, channel-major.
+
+  Raises:
+    ValueError, naming the file: it is not a readable .npz archive (truncated,
+      corrupt, or another format), or its 'data' is missing, empty or not
+      uint8 [N, 3*size*size].
+  """
+  if not os.path.isfile(name):  # np.load of a FIFO would block
+    raise ValueError(f"{name!r} is not a regular file")
+  try:
+    batch = np.load(name)
+    if not isinstance(batch, np.lib.npyio.NpzFile):
+      raise ValueError("a .npy array, not a .npz archive")
+    with batch:
+      if "data" not in batch:
+        raise ValueError(f"no 'data' array (keys: {sorted(batch.keys())})")
+      data = batch["data"]
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(f"{name!r} is not a readable ImageNet .npz batch: "
+                     f"{e}") from e
+  if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != (
+      3 * size * size):
+    raise ValueError(f"{name!r}: 'data' must be uint8 [N, {3 * size * size}]"
+                     f", got {data.dtype} {data.shape}")
+  if not data.shape[0]:
+    raise ValueError(f"{name!r}: 'data' holds no image")
+  return data
+
+
 def read_imagenet64(path: str, size: int = 64) -> np.ndarray:
   """Reads downsampled-ImageNet .npz batches (key 'data', [N, 3*size*size]
   channel-major uint8).
@@ -86,6 +127,10 @@ def read_imagenet64(path: str, size: int = 64) -> np.ndarray:
 
   Returns:
     sequences [N, size*size*3] uint8 in model order.
+
+  Raises:
+    FileNotFoundError: path does not exist or holds no .npz file.
+    ValueError: a file is not a readable batch (see `_npz_data`).
   """
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, "*.npz")))
@@ -95,16 +140,6 @@ def read_imagenet64(path: str, size: int = 64) -> np.ndarray:
     files = [path]
   else:
     raise FileNotFoundError(f"no such file or directory: {path!r}")
-  out = []
-  for name in files:
-    with np.load(name) as batch:
-      if "data" not in batch:
-        raise ValueError(f"{name!r} has no 'data' array (keys: "
-                         f"{sorted(batch.keys())})")
-      data = batch["data"]
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != (
-        3 * size * size):
-      raise ValueError(f"{name!r}: 'data' must be uint8 [N, {3 * size * size}]"
-                       f", got {data.dtype} {data.shape}")
-    out.append(channel_major_to_sequence(data, (size, size, 3)))
-  return np.concatenate(out)
+  return np.concatenate([
+      channel_major_to_sequence(_npz_data(name, size), (size, size, 3))
+      for name in files])

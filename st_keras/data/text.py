@@ -4,7 +4,9 @@ Python standard library's sources)."""
 from __future__ import annotations
 
 import os
+import stat
 import sysconfig
+import warnings
 import zlib
 from typing import Dict, List, Sequence
 
@@ -21,24 +23,77 @@ DOCUMENT_SEPARATOR = 0x1C
 
 
 def list_files(path: str) -> List[str]:
-  """The files under `path` (itself if a file), sorted by path, hidden ones
-  skipped.
+  """The regular files under `path` (itself if a file), sorted by path.
+
+  Hidden files and directories are skipped, and so, with a warning naming
+  them, are entries that are not regular files (FIFOs, sockets, devices,
+  broken links): opening a FIFO would block forever.
+
+  Args:
+    path: a regular file or a directory.
+
+  Returns:
+    The paths of the files, sorted.
 
   Raises:
     FileNotFoundError: path does not exist or holds no file.
+    ValueError: path is neither a regular file nor a directory.
   """
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
+    if os.path.exists(path):
+      raise ValueError(f"{path!r} is not a regular file or directory")
     raise FileNotFoundError(f"no such file or directory: {path!r}")
   files = []
   for root, dirs, names in os.walk(path):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    files.extend(os.path.join(root, n) for n in sorted(names)
-                 if not n.startswith("."))
+    files.extend(_regular_files(root, names))
   if not files:
     raise FileNotFoundError(f"{path!r} holds no file")
   return sorted(files)
+
+
+def _regular_files(root: str, names: Sequence[str]) -> List[str]:
+  """The visible regular files among `names`; others warn and are skipped.
+
+  Args:
+    root: a directory.
+    names: the names of its entries that are not directories.
+
+  Returns:
+    The paths of the visible regular files, sorted by name.
+  """
+  files = []
+  for name in sorted(n for n in names if not n.startswith(".")):
+    full = os.path.join(root, name)
+    if os.path.isfile(full):
+      files.append(full)
+    else:
+      warnings.warn(f"skipping {full!r}: not a regular file", stacklevel=3)
+  return files
+
+
+def read_file(path: str) -> bytes:
+  """The bytes of a regular file, refusing (never blocking on) any other.
+
+  The file is opened without blocking and checked once open, so a path
+  swapped for a FIFO after it was listed is refused too.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its contents.
+
+  Raises:
+    ValueError: path is not a regular file.
+  """
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  with os.fdopen(fd, "rb") as f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise ValueError(f"{path!r} is not a regular file")
+    return f.read()
 
 
 def check_separator(separator: int | None, name: str = "separator") -> None:
@@ -73,7 +128,8 @@ def read_bytes(paths: Sequence[str] | str,
 
   Raises:
     FileNotFoundError: a path does not exist or holds no file.
-    ValueError: separator is not None or a byte value.
+    ValueError: separator is not None or a byte value, or a path is not a
+      regular file or directory.
   """
   check_separator(separator)
   if isinstance(paths, (str, os.PathLike)):
@@ -82,8 +138,7 @@ def read_bytes(paths: Sequence[str] | str,
   chunks = []
   for path in paths:
     for name in list_files(os.fspath(path)):
-      with open(name, "rb") as f:
-        chunks += head + [np.frombuffer(f.read(), np.uint8)]
+      chunks += head + [np.frombuffer(read_file(name), np.uint8)]
   return np.concatenate(chunks) if chunks else np.zeros([0], np.uint8)
 
 
@@ -98,6 +153,10 @@ def file_bounds(paths: Sequence[str] | str,
   Returns:
     A 1-D int64 array of files + 1 ascending offsets: file f, after its
     separator if there is one, spans bytes [bounds[f], bounds[f + 1]).
+
+  Raises:
+    FileNotFoundError: a path does not exist or holds no file.
+    ValueError: as in `read_bytes`.
   """
   check_separator(separator)
   if isinstance(paths, (str, os.PathLike)):

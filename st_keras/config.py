@@ -1,16 +1,20 @@
 """Run configurations: YAML files checked against typed sections.
 
 A config has three sections, `model`, `data` and `train`, whose keys are the
-fields below. Unknown keys and values of the wrong type are errors that name
-the key; `override()` applies `section.key=value` strings from the command
-line (values parsed as YAML).
+fields below. Unknown keys, values of the wrong type and values out of their
+range (`RANGES`) are errors that name the key; `override()` applies
+`section.key=value` strings from the command line (values parsed as YAML).
+YAML is read with the safe loader, plus YAML 1.2's floats: 1e-3 and 1.0e4
+are numbers, as in Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -100,6 +104,104 @@ CHOICES = {("data", "kind"): DATA_KINDS, ("train", "precision"): PRECISIONS,
            ("train", "strategy"): STRATEGIES}
 
 
+def _at_least(low) -> Tuple[Callable, str]:
+  return (lambda x: math.isfinite(x) and x >= low), f">= {low}"
+
+
+def _above(low) -> Tuple[Callable, str]:
+  return (lambda x: math.isfinite(x) and x > low), f"> {low}"
+
+
+def _in_unit(low_open: bool) -> Tuple[Callable, str]:
+  if low_open:
+    return (lambda x: 0.0 < x < 1.0), "in (0, 1)"
+  return (lambda x: 0.0 <= x < 1.0), "in [0, 1)"
+
+
+# (section, key) -> (check of a non-None value, what it must be).
+RANGES: Dict[Tuple[str, str], Tuple[Callable, str]] = {
+    **{("model", key): _at_least(1) for key in (
+        "width", "num_layers", "num_heads", "vocab_size", "stride",
+        "summary", "num_summary_patterns", "block_size")},
+    ("model", "qk_ratio"): _above(0),
+    ("model", "ff_multiplier"): _above(0),
+    ("model", "dropout"): _in_unit(low_open=False),
+    ("data", "context"): _at_least(1),
+    ("data", "batch_size"): _at_least(1),
+    ("data", "valid_fraction"): _in_unit(low_open=True),
+    ("train", "steps"): _at_least(0),
+    ("train", "learning_rate"): _at_least(0),
+    ("train", "warmup_steps"): _at_least(0),
+    ("train", "weight_decay"): _at_least(0),
+    ("train", "clipnorm"): _above(0),
+    ("train", "beta_1"): _in_unit(low_open=False),
+    ("train", "beta_2"): _in_unit(low_open=False),
+    ("train", "checkpoint_every"): _at_least(1),
+    ("train", "log_every"): _at_least(0),
+    ("train", "eval_batches"): _at_least(1),
+    ("train", "sample_bytes"): _at_least(0),
+}
+
+
+class _Loader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
+  """The safe loader, reading YAML 1.2 floats such as 1e-3 and 1.0e4
+  (YAML 1.1 wants a dot and a signed exponent: it reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)"
+               r"[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str = "<string>"):
+  """Parses YAML text with `_Loader`.
+
+  Args:
+    text: YAML.
+    source: where it came from, for the error.
+
+  Returns:
+    The parsed value.
+
+  Raises:
+    ValueError: one line naming the source, the line and column, and the
+      problem (syntax errors, tags other than the safe ones such as
+      !!python/object, aliases that refer to themselves).
+  """
+  try:
+    value = yaml.load(text, Loader=_Loader)  # nosec: a SafeLoader subclass
+    _check_acyclic(value)
+  except yaml.MarkedYAMLError as e:
+    mark = e.problem_mark or e.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = " ".join(str(e.problem or e.context or e).split())
+    raise ValueError(f"{source}: invalid YAML{where}: {problem}") from None
+  except (yaml.YAMLError, ValueError) as e:
+    raise ValueError(f"{source}: invalid YAML: "
+                     f"{' '.join(str(e).split())}") from None
+  return value
+
+
+def _check_acyclic(value, parents: Tuple[int, ...] = (),
+                   checked: Optional[set] = None) -> None:
+  """Raises ValueError when a YAML alias makes a value contain itself.
+
+  Nodes shared through aliases are walked once (`checked`), so a document
+  of nested aliases costs its number of distinct nodes, not its expansion.
+  """
+  checked = set() if checked is None else checked
+  if not isinstance(value, (list, dict)) or id(value) in checked:
+    return
+  if id(value) in parents:
+    raise ValueError("an alias refers to a node that contains it (a loop)")
+  items = value.values() if isinstance(value, dict) else value
+  for item in items:
+    _check_acyclic(item, parents + (id(value),), checked)
+  checked.add(id(value))
+
+
 def _check_value(where: str, value, hint):
   """Returns value converted to the field type `hint`, or raises."""
   origin = typing.get_origin(hint)
@@ -125,9 +227,7 @@ def _check_value(where: str, value, hint):
 
 def from_dict(raw: dict) -> Config:
   """Builds a checked Config from nested dicts (missing keys: defaults)."""
-  if not isinstance(raw, dict):
-    raise TypeError(f"a config must be a mapping of sections, got "
-                    f"{type(raw).__name__}")
+  _check_sections(raw)
   unknown = set(raw) - set(SECTIONS)
   if unknown:
     raise KeyError(f"unknown config section(s) {sorted(unknown)}; known: "
@@ -135,9 +235,6 @@ def from_dict(raw: dict) -> Config:
   sections = {}
   for name, cls in SECTIONS.items():
     values = raw.get(name) or {}
-    if not isinstance(values, dict):
-      raise TypeError(f"config section {name} must be a mapping, got "
-                      f"{values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in values:
@@ -150,6 +247,11 @@ def from_dict(raw: dict) -> Config:
       if section == name and key in checked and checked[key] not in allowed:
         raise ValueError(f"config key {name}.{key} must be one of "
                          f"{allowed}, got {checked[key]!r}")
+    for (section, key), (check, what) in RANGES.items():
+      value = checked.get(key)
+      if section == name and value is not None and not check(value):
+        raise ValueError(f"config key {name}.{key} must be {what}, got "
+                         f"{value!r}")
     sections[name] = cls(**checked)
   return Config(**sections)
 
@@ -165,14 +267,26 @@ def override(raw: dict, assignments: Sequence[str]) -> dict:
   Returns:
     The updated copy.
   """
+  _check_sections(raw)
   out = {k: dict(v or {}) for k, v in raw.items()}
   for item in assignments:
     key, sep, text = item.partition("=")
     section, dot, field = key.strip().partition(".")
     if not sep or not dot or not field:
       raise ValueError(f"override {item!r} must look like section.key=value")
-    out.setdefault(section, {})[field] = yaml.safe_load(text)
+    out.setdefault(section, {})[field] = parse_yaml(text, f"override {item!r}")
   return out
+
+
+def _check_sections(raw) -> None:
+  """Raises TypeError unless raw is a mapping of mappings (or nulls)."""
+  if not isinstance(raw, dict):
+    raise TypeError(f"a config must be a mapping of sections "
+                    f"{sorted(SECTIONS)}, got {type(raw).__name__}")
+  for name, values in raw.items():
+    if values is not None and not isinstance(values, dict):
+      raise TypeError(f"config section {name} must be a mapping of keys, "
+                      f"got {values!r}")
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> Config:
@@ -186,5 +300,5 @@ def load(path: str, overrides: Sequence[str] = ()) -> Config:
     A checked `Config`.
   """
   with open(path) as f:
-    raw = yaml.safe_load(f) or {}
-  return from_dict(override(raw, overrides))
+    raw = parse_yaml(f.read(), path)
+  return from_dict(override({} if raw is None else raw, overrides))

@@ -4,10 +4,15 @@
 devices, or MultiWorkerMirroredStrategy when TF_CONFIG is set), the data,
 the model and AdamW (linear warm-up then cosine decay, global gradient
 clipping, weight decay), then runs `model.fit` in chunks of
-`train.checkpoint_every` steps. A checkpoint (model, optimizer and step) is
-written after every chunk and when the run is interrupted (SIGINT or
-SIGTERM); a restarted run restores it and continues with the batch that
+`train.checkpoint_every` steps. A checkpoint (model, optimizer and the
+count of batches seen) is written after every chunk and when the run is
+interrupted (SIGINT or SIGTERM, acted on at the end of a batch); a restarted
+run restores its newest intact checkpoint and continues with the batch that
 comes next, since training batch i is a pure function of (seed, i).
+
+The run directory is one trainer's at a time (a lock), keeps the config it
+was started with, and never holds a checkpoint of non-finite weights: a
+diverging run stops with an error and keeps its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from st_keras import checkpoints
 from st_keras import config as config_lib
 from st_keras import data as data_lib
 from st_keras import models
+from st_keras import run_dir
 from st_keras import sample as sample_lib
 
 LOG = logging.getLogger("st_keras.train")
 IMAGE_AXES = {"cifar10": (32, 32, 3), "imagenet64": (64, 64, 3)}
+# Checkpoints kept on disk: the newest and one before it, to fall back on.
+MAX_TO_KEEP = 2
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -184,20 +193,45 @@ def make_optimizer(cfg: config_lib.TrainConfig) -> keras.optimizers.AdamW:
       beta_1=cfg.beta_1, beta_2=cfg.beta_2, global_clipnorm=cfg.clipnorm)
 
 
-@contextlib.contextmanager
-def _interrupt_on_sigterm():
-  """Turns SIGTERM into KeyboardInterrupt so a killed job checkpoints."""
-  def handler(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-  try:
-    previous = signal.signal(signal.SIGTERM, handler)
-  except ValueError:  # not the main thread: leave signals alone
-    yield
-    return
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+class StopRequested(KeyboardInterrupt):
+  """A SIGINT or SIGTERM, acted on at the end of a training batch."""
+
+
+class GracefulStop:
+  """While active, SIGINT and SIGTERM ask training to stop at the end of
+  the current batch, where the batch count and the weights agree (a
+  checkpoint is written there); a second signal interrupts at once.
+
+  Outside the main thread, signals are left alone.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self) -> "GracefulStop":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        break
+    return self
+
+  def _handle(self, signum, frame):
+    del frame  # unused
+    if self.signum is not None:
+      raise KeyboardInterrupt(f"signal {signum}, twice")
+    self.signum = signum
+
+  def check(self) -> None:
+    """Raises StopRequested if a signal has come."""
+    if self.signum is not None:
+      raise StopRequested(f"signal {self.signum}")
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
 
 @contextlib.contextmanager
@@ -233,62 +267,106 @@ def worker_dir(output_dir: str, strategy) -> str:
                       f"{task_type}_{resolver.task_id}")
 
 
-class StepHistory(keras.callbacks.CSVLogger):
-  """`CSVLogger` whose rows also carry the optimizer step at the end of the
-  interval, so rows of resumed runs (whose epoch indices restart at the
-  resumed interval) still place exactly on a learning curve.
-
-  Args:
-    path: the CSV file; appended to when it exists.
-  """
-
-  def __init__(self, path: str):
-    super().__init__(path, append=True)
-
-  def on_epoch_end(self, epoch, logs=None):
-    step = int(self.model.optimizer.iterations.numpy())
-    super().on_epoch_end(epoch, {**(logs or {}), "step": step})
+class NonFiniteLossError(RuntimeError):
+  """Training produced a non-finite loss or weights; nothing was saved."""
 
 
-class StepCheckpointer(keras.callbacks.Callback):
-  """Saves a checkpoint at the end of every epoch (checkpoint interval),
-  stops training at step `last`, and times the training steps.
+def _scalar(value) -> float:
+  """A log value (a tensor, or shape [1] under multi-worker) as a float."""
+  return float(np.asarray(value).reshape(-1)[0])
+
+
+class IntervalCheckpointer(keras.callbacks.Callback):
+  """Counts the batches, stops at batch `last`, and ends every checkpoint
+  interval (epoch) with its history.csv row, then its checkpoint.
+
+  The step of a run is the number of batches it has trained on, counted
+  here rather than read from `optimizer.iterations`, which does not advance
+  on the steps a mixed_float16 loss scaler skips. The count is saved in
+  the checkpoint (`batches`), and the data stream resumes there.
+
+  A non-finite training loss stops the run at once (with a loss scaler,
+  which skips such steps, only non-finite weights do), and no checkpoint is
+  ever written from non-finite weights, so the last checkpoint stays the
+  last good one.
 
   Args:
     manager: the run's `tf.train.CheckpointManager`.
-    last: the step at which to stop.
+    batches: the checkpointed int64 variable holding the batch count.
+    last: the batch count at which to stop.
+    history: the run's `run_dir.History`.
     tokens_per_step: tokens in one global batch.
     log_every: log the step and loss every this many steps (0: never).
+    stop: a `GracefulStop` checked after every batch, or None.
   """
 
-  def __init__(self, manager, last: int, tokens_per_step: int,
-               log_every: int = 0):
+  def __init__(self, manager, batches: tf.Variable, last: int,
+               history: run_dir.History, tokens_per_step: int,
+               log_every: int = 0, stop: Optional[GracefulStop] = None):
     super().__init__()
+    self.stop = stop
     self.manager = manager
+    self.batches = batches
+    self.step = int(batches.numpy())
     self.last = last
+    self.history = history
     self.tokens_per_step = tokens_per_step
     self.log_every = log_every
     self.step_seconds, self._start = [], None
 
+  def _check_finite(self, loss: Optional[float] = None) -> None:
+    """Raises NonFiniteLossError when the weights are not finite, or the
+    batch's loss (if given) is not and no loss scaler skips such steps."""
+    scaled = isinstance(self.model.optimizer,
+                        keras.optimizers.LossScaleOptimizer)
+    if loss is not None and not math.isfinite(loss) and not scaled:
+      problem = f"loss {loss}"
+    elif not all(bool(tf.reduce_all(tf.math.is_finite(w)))
+                 for w in self.model.trainable_weights):
+      problem = "non-finite weights"
+    else:
+      return
+    raise NonFiniteLossError(
+        f"training diverged at step {self.step} ({problem}); stopped "
+        f"without writing a checkpoint. The last checkpoint "
+        f"({self.manager.latest_checkpoint}) holds finite weights: lower "
+        f"train.learning_rate (or raise train.warmup_steps) and resume from "
+        f"it with --allow-config-change, or start a new run")
+
   def save(self) -> int:
-    """Writes a checkpoint at the current step and returns the step."""
-    step = int(self.model.optimizer.iterations.numpy())
-    self.manager.save(checkpoint_number=step)
-    return step
+    """Writes a checkpoint at the current step and returns the step.
+
+    Raises:
+      NonFiniteLossError: the weights are not finite (nothing is written).
+    """
+    self._check_finite()
+    self.batches.assign(self.step)
+    self.manager.save(checkpoint_number=self.step)
+    return self.step
 
   def on_train_batch_begin(self, batch, logs=None):
     self._start = time.perf_counter()
 
   def on_train_batch_end(self, batch, logs=None):
-    step = int(self.model.optimizer.iterations.numpy())
+    self.step += 1
     if batch > 0:  # the first step of an epoch includes tracing/warm-up
       self.step_seconds.append(time.perf_counter() - self._start)
-    if self.log_every and step % self.log_every == 0:
-      LOG.info("step %d: loss %.4f", step, (logs or {}).get("loss", math.nan))
-    if step >= self.last:
+    loss = _scalar((logs or {}).get("loss", 0.0))
+    if not math.isfinite(loss):
+      self._check_finite(loss)
+    if self.log_every and self.step % self.log_every == 0:
+      LOG.info("step %d: loss %.4f", self.step, loss)
+    if self.step >= self.last:
       self.model.stop_training = True
+    if self.stop is not None:
+      self.stop.check()
 
   def on_epoch_end(self, epoch, logs=None):
+    self._check_finite()
+    # The row first: a kill between the two leaves a row past the last
+    # checkpoint, which the resumed run drops (run_dir.History).
+    self.history.append(self.step, {k: _scalar(v)
+                                    for k, v in (logs or {}).items()})
     self.save()
 
   def tokens_per_second(self) -> float:
@@ -323,19 +401,38 @@ def write_text_sample(model, valid: np.ndarray, length: int, seed: int,
   return out
 
 
-def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
+def train(cfg: config_lib.Config, stop_after: Optional[int] = None,
+          allow_config_change: bool = False) -> dict:
   """Trains (or resumes) a run and evaluates it.
+
+  The run directory is locked for the whole call (`run_dir.RunLock`), a
+  resumed run must have the config it was started with (but for
+  train.steps), and it resumes from its newest intact checkpoint
+  (`checkpoints.restore_newest_intact`).
 
   Args:
     cfg: the run's config.
     stop_after: stop (with a checkpoint) after this many steps of this
       invocation; a later call with the same config continues the run.
+    allow_config_change: resume even when cfg differs from the run's saved
+      config (the differences are logged).
 
   Returns:
-    A summary dict: steps, valid_bits_per_byte, tokens_per_second (over
-    the timed steps: all but the first of each checkpoint interval),
-    median_step_ms (of the same steps), output_dir, resumed_from, sample.
+    A summary dict: steps (batches trained on), updates (optimizer updates
+    applied: fewer than steps when a mixed_float16 loss scaler skipped
+    some), the held-out metric (named by `metric`: bits_per_byte or
+    bits_per_dim) as valid_bits_per_byte, tokens_per_second (over the timed
+    steps: all but the first of each checkpoint interval), median_step_ms
+    (of the same steps), output_dir, resumed_from, sample.
+
+  Raises:
+    run_dir.RunDirectoryError: another trainer holds the directory, or its
+      saved config differs.
+    checkpoints.CheckpointError: the run's checkpoints cannot be restored.
+    NonFiniteLossError: training diverged (the last checkpoint is kept).
   """
+  if stop_after is not None and stop_after < 1:
+    raise ValueError(f"stop_after must be >= 1, got {stop_after}")
   keras.mixed_precision.set_global_policy(cfg.train.precision)
   keras.utils.set_random_seed(cfg.train.seed)
   strategy = make_strategy(cfg.train.strategy)
@@ -343,44 +440,62 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
   if global_batch % strategy.num_replicas_in_sync:
     raise ValueError(f"data.batch_size {global_batch} must be a multiple of "
                      f"the {strategy.num_replicas_in_sync} replicas")
+  out_dir = worker_dir(cfg.train.output_dir, strategy)
+  with run_dir.RunLock(out_dir):
+    changes = run_dir.check_saved_config(out_dir, cfg.to_dict(),
+                                         allow_config_change)
+    if changes:
+      LOG.warning("resuming %s with a changed config: %s", out_dir,
+                  "; ".join(changes))
+    return _train_locked(cfg, strategy, out_dir, stop_after)
+
+
+def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
+                  stop_after: Optional[int]) -> dict:
+  """`train` once the run directory is locked and its config checked."""
+  global_batch = cfg.data.batch_size
   arrays = load_data(cfg.data)
   metric_name = ("bits_per_dim" if cfg.data.kind in IMAGE_AXES else
                  "bits_per_byte")
-  out_dir = worker_dir(cfg.train.output_dir, strategy)
-  os.makedirs(out_dir, exist_ok=True)
   with strategy.scope():
     model = build_model(cfg)
     models.compile_for_training(model, make_optimizer(cfg.train),
                                 metric_name)
     model.optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(out_dir, "checkpoints"), max_to_keep=2)
-  resumed_from = 0
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    resumed_from = int(model.optimizer.iterations.numpy())
-    LOG.info("resumed from %s at step %d", manager.latest_checkpoint,
+  batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches")
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                   batches=batches)
+  directory = os.path.join(out_dir, "checkpoints")
+  restored = checkpoints.restore_newest_intact(checkpoint, directory)
+  resumed_from = int(batches.numpy())
+  if restored.step is not None:
+    LOG.info("resumed from %s at step %d",
+             os.path.join(directory, f"{checkpoints.PREFIX}-{restored.step}"),
              resumed_from)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
+  manager = tf.train.CheckpointManager(checkpoint, directory,
+                                       max_to_keep=MAX_TO_KEEP)
+  run_dir.write_atomically(os.path.join(out_dir, run_dir.CONFIG_FILE),
+                           json.dumps(cfg.to_dict(), indent=2))
 
   last = cfg.train.steps if stop_after is None else min(
       cfg.train.steps, resumed_from + stop_after)
   every = cfg.train.checkpoint_every
-  checkpointer = StepCheckpointer(manager, last,
-                                  global_batch * cfg.data.context,
-                                  cfg.train.log_every)
   # history.csv: one row per checkpoint interval (step, training and
-  # validation metrics), appended to on resume, for learning curves.
-  callbacks = [checkpointer, StepHistory(os.path.join(out_dir, "history.csv")),
+  # validation metrics), kept on resume, for learning curves.
+  history = run_dir.History(os.path.join(out_dir, run_dir.HISTORY_FILE),
+                            resumed_from)
+  stop = GracefulStop()
+  checkpointer = IntervalCheckpointer(
+      manager, batches, last, history, global_batch * cfg.data.context,
+      cfg.train.log_every, stop)
+  callbacks = [checkpointer,
                keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"),
                                            update_freq=10)]
-  # The training stream starts at the restored step.
+  # The training stream starts at the restored batch count.
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:
     # One fit call; an "epoch" is one checkpoint interval.
-    with _interrupt_on_sigterm(), _frozen_heap():
+    with stop, _frozen_heap():
       try:
         model.fit(train_ds, initial_epoch=resumed_from // every,
                   epochs=resumed_from // every + math.ceil(
@@ -390,12 +505,12 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
                   callbacks=callbacks,
                   # A progress bar on a terminal, a line per epoch in logs.
                   verbose=1 if sys.stdout.isatty() else 2)
-      except KeyboardInterrupt:
+        stop.check()  # a signal during the last validation
+      except StopRequested:
         step = checkpointer.save()
         LOG.warning("interrupted at step %d; checkpoint written to %s",
                     step, manager.directory)
         raise
-  step = int(model.optimizer.iterations.numpy())
   bits = model.evaluate(valid_ds, verbose=0, return_dict=True)[metric_name]
   model.save(os.path.join(out_dir, "model.keras"))
   sample_path = None
@@ -403,38 +518,63 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None) -> dict:
     sample_path = os.path.join(out_dir, "sample.txt")
     write_text_sample(model, arrays["valid"], cfg.train.sample_bytes,
                       cfg.train.seed, sample_path)
-  summary = {"steps": step, "valid_bits_per_byte": bits,
+  summary = {"steps": checkpointer.step, "metric": metric_name,
+             "updates": int(model.optimizer.iterations.numpy()),
+             "valid_bits_per_byte": bits,
              "tokens_per_second": checkpointer.tokens_per_second(),
              "median_step_ms": checkpointer.median_step_ms(),
              "output_dir": out_dir,
              "resumed_from": resumed_from, "sample": sample_path}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  run_dir.write_atomically(os.path.join(out_dir, "summary.json"),
+                           json.dumps(summary, indent=2))
   return summary
 
 
+def _positive_int(text: str) -> int:
+  """argparse type: an int >= 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`st-train --config X.yaml [--override section.key=value ...]`."""
+  """`st-train --config X.yaml [--override section.key=value ...]`.
+
+  Exit status: 0 when the run finished, 1 when training diverged (the last
+  finite checkpoint is kept), 2 for a bad config or an unusable run
+  directory, 130 when interrupted (a checkpoint is written).
+  """
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="YAML config file")
   parser.add_argument("--override", action="append", default=[],
                       metavar="SECTION.KEY=VALUE",
                       help="change one config value (repeatable)")
-  parser.add_argument("--stop-after", type=int, metavar="STEPS",
+  parser.add_argument("--stop-after", type=_positive_int, metavar="STEPS",
                       help="checkpoint and stop after this many steps; run "
                       "again to continue")
+  parser.add_argument("--allow-config-change", action="store_true",
+                      help="resume a run whose saved config.json differs "
+                      "from this config (other than train.steps)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
   try:
     cfg = config_lib.load(args.config, args.override)
   except (OSError, KeyError, TypeError, ValueError) as e:
-    parser.error(str(e))
+    parser.error(e.args[0] if isinstance(e, KeyError) else str(e))
   try:
-    summary = train(cfg, stop_after=args.stop_after)
+    summary = train(cfg, stop_after=args.stop_after,
+                    allow_config_change=args.allow_config_change)
   except KeyboardInterrupt:
     print(f"interrupted; run the same command to resume from "
           f"{cfg.train.output_dir}", file=sys.stderr)
     return 130
+  except (run_dir.RunDirectoryError, checkpoints.CheckpointError) as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 1
   print(json.dumps(summary, indent=2))
   return 0
 

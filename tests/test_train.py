@@ -304,5 +304,6 @@ def test_train_on_cifar10_files(tmp_path):
   np.testing.assert_allclose(resumed["valid_bits_per_byte"],
                              summary["valid_bits_per_byte"], rtol=1e-5)
   raw["data"]["context"] = 1024
+  raw["train"]["output_dir"] = str(tmp_path / "short")
   with pytest.raises(ValueError, match="image length 3072"):
     train.train(config_lib.from_dict(raw))

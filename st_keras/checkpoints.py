@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -44,10 +44,13 @@ class Restored:
       directory holds no checkpoint.
     damaged: the checkpoints that could not be read, as 'name: reason'.
     removed: leftovers of killed writes that were removed.
+    absent: the optional objects the restored checkpoint did not hold (it
+      was written before they existed); they keep their values.
   """
   step: Optional[int] = None
   damaged: List[str] = dataclasses.field(default_factory=list)
   removed: List[str] = dataclasses.field(default_factory=list)
+  absent: List[str] = dataclasses.field(default_factory=list)
 
 
 def checkpoint_steps(directory: str) -> List[int]:
@@ -77,15 +80,20 @@ def _remove_partial_writes(directory: str) -> List[str]:
   return removed
 
 
-def _read_every_tensor(prefix: str) -> None:
+def _read_every_tensor(prefix: str) -> List[str]:
   """Reads all of a checkpoint's tensors, which checks their checksums.
+
+  Returns:
+    The names of the objects at the top of the checkpoint.
 
   Raises:
     Whatever TensorFlow raises for a missing, truncated or corrupt file.
   """
   reader = tf.train.load_checkpoint(prefix)
-  for name in reader.get_variable_to_shape_map():
+  names = list(reader.get_variable_to_shape_map())
+  for name in names:
     reader.get_tensor(name)
+  return sorted({name.split("/")[0] for name in names})
 
 
 def _move_aside(directory: str, step: int) -> None:
@@ -116,14 +124,16 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def restore_newest_intact(checkpoint: tf.train.Checkpoint,
-                          directory: str) -> Restored:
-  """Restores the newest readable checkpoint of `directory` into
-  `checkpoint`.
+def restore_newest_intact(objects: Dict[str, object], directory: str,
+                          optional: Sequence[str] = ()) -> Restored:
+  """Restores the newest readable checkpoint of `directory` into `objects`.
 
   Args:
-    checkpoint: the run's `tf.train.Checkpoint` (model, optimizer, ...).
+    objects: what the run's `tf.train.Checkpoint` holds, by name (model,
+      optimizer, ...).
     directory: the run's checkpoint directory (may not exist yet).
+    optional: names of `objects` that checkpoints written by older versions
+      do not hold; every other object must be in the checkpoint.
 
   Returns:
     A `Restored`; every damaged checkpoint and removed leftover is also
@@ -145,13 +155,17 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint,
   for step in checkpoint_steps(directory):
     prefix = os.path.join(directory, f"{PREFIX}-{step}")
     try:
-      _read_every_tensor(prefix)
+      held = _read_every_tensor(prefix)
     except Exception as e:  # pylint: disable=broad-except
       # A damaged file raises errors of many types (DataLossError,
       # OpError, IndexError, ...): any failure to read is damage.
       result.damaged.append(f"{PREFIX}-{step}: {_first_line(e)}")
       damaged_steps.append(step)
       continue
+    result.absent = [name for name in optional if name not in held]
+    checkpoint = tf.train.Checkpoint(**{
+        name: value for name, value in objects.items()
+        if name not in result.absent})
     try:
       checkpoint.restore(prefix).assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as e:

@@ -463,17 +463,19 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
                                 metric_name)
     model.optimizer.build(model.trainable_variables)
   batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches")
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                                   batches=batches)
+  saved = {"model": model, "optimizer": model.optimizer, "batches": batches}
   directory = os.path.join(out_dir, "checkpoints")
-  restored = checkpoints.restore_newest_intact(checkpoint, directory)
+  restored = checkpoints.restore_newest_intact(saved, directory,
+                                               optional=["batches"])
+  if "batches" in restored.absent:  # written before batches were counted
+    batches.assign(model.optimizer.iterations)
   resumed_from = int(batches.numpy())
   if restored.step is not None:
     LOG.info("resumed from %s at step %d",
              os.path.join(directory, f"{checkpoints.PREFIX}-{restored.step}"),
              resumed_from)
-  manager = tf.train.CheckpointManager(checkpoint, directory,
-                                       max_to_keep=MAX_TO_KEEP)
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(**saved),
+                                       directory, max_to_keep=MAX_TO_KEEP)
   run_dir.write_atomically(os.path.join(out_dir, run_dir.CONFIG_FILE),
                            json.dumps(cfg.to_dict(), indent=2))
 

@@ -184,9 +184,9 @@ def test_restore_falls_back_past_damaged_checkpoints(tmp_path, caplog):
   data6.write_bytes(data6.read_bytes()[:40])
   os.remove(tmp_path / "ckpt-4.index")
   os.remove(tmp_path / "checkpoint")
-  restored_into, into = _checkpoint(-1.0)
+  _, into = _checkpoint(-1.0)
   with caplog.at_level(logging.WARNING, logger="st_keras.checkpoints"):
-    result = checkpoints.restore_newest_intact(restored_into, str(tmp_path))
+    result = checkpoints.restore_newest_intact(into, str(tmp_path))
   assert result.step == 2 and float(into["b"].numpy()) == 2.0
   np.testing.assert_array_equal(into["w"].numpy(), np.full([64, 8], 2.0))
   assert [d.split(":")[0] for d in result.damaged] == ["ckpt-6"]
@@ -207,15 +207,29 @@ def test_restore_refuses_when_nothing_is_readable(tmp_path):
   before = sorted(os.listdir(tmp_path))
   with pytest.raises(checkpoints.CheckpointError,
                      match="no checkpoint .* can be read.*ckpt-3"):
-    checkpoints.restore_newest_intact(_checkpoint(0.0)[0], str(tmp_path))
+    checkpoints.restore_newest_intact(_checkpoint(0.0)[1], str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == before  # nothing moved or deleted
-  other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([3])))
   index.unlink()
   tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=2).save(
       checkpoint_number=4)
   with pytest.raises(checkpoints.CheckpointError, match="does not fit"):
-    checkpoints.restore_newest_intact(other, str(tmp_path))
+    checkpoints.restore_newest_intact({"w": tf.Variable(tf.zeros([3]))},
+                                      str(tmp_path))
   assert (tmp_path / "ckpt-4.index").exists()
+
+
+def test_objects_older_checkpoints_lack_are_optional(tmp_path):
+  old = {"w": tf.Variable(tf.fill([64, 8], 3.0))}
+  tf.train.CheckpointManager(tf.train.Checkpoint(**old), str(tmp_path),
+                             max_to_keep=2).save(checkpoint_number=7)
+  _, into = _checkpoint(-1.0)
+  with pytest.raises(checkpoints.CheckpointError, match="does not fit"):
+    checkpoints.restore_newest_intact(into, str(tmp_path))
+  result = checkpoints.restore_newest_intact(into, str(tmp_path),
+                                             optional=["b"])
+  assert (result.step, result.absent) == (7, ["b"])
+  np.testing.assert_array_equal(into["w"].numpy(), np.full([64, 8], 3.0))
+  assert float(into["b"].numpy()) == -1.0
 
 
 def test_a_changed_config_is_refused_and_the_step_budget_is_not(

@@ -19,6 +19,15 @@ TF_COPTS = [
     "-fPIC",
 ]
 
+# The GPU launcher and its C ABI library run on machines other than the build's (a GPU host):
+# no -march=native.
+GPU_COPTS = [
+    "-std=c++17",
+    "-D_GLIBCXX_USE_CXX11_ABI=1",
+    "-O2",
+    "-fPIC",
+]
+
 def custom_op_library(name, srcs = [], deps = [], copts = [], linkopts = [], **kwargs):
     """Builds `name` (e.g. "_foo_ops.so") as a shared library loadable by tf.load_op_library."""
     native.cc_binary(

@@ -83,6 +83,35 @@ class Component:
     counts = np.diff(self.row_ptr.astype(np.int64))
     return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
 
+  def column_tables(self, num_blocks: int):
+    """The same tiles in column-major order, for a backward pass by key block.
+
+    Args:
+      num_blocks: nb, blocks per head (the layout's `num_blocks`).
+
+    Returns:
+      (col_ptr, row_idx, col_mask_idx), int32: tiles of key block c of head
+      h are entries col_ptr[h * nb + c] : col_ptr[h * nb + c + 1] of
+      row_idx (query block, increasing) and col_mask_idx (the tile's
+      `mask_idx`), i.e. the tiles sorted by (head, key block, query block).
+      col_ptr is [heads * nb + 1], the others [nnz].
+
+    Raises:
+      ValueError: num_blocks does not divide the row table.
+    """
+    slots = self.row_ptr.shape[0] - 1
+    if num_blocks <= 0 or slots % num_blocks:
+      raise ValueError(f"num_blocks ({num_blocks}) must divide the row "
+                       f"table's {slots} (heads * nb) rows")
+    rows = self.tile_rows()  # (nnz,) head * nb + query block
+    cols = rows // num_blocks * num_blocks + self.col_idx  # head * nb + key
+    order = np.lexsort((rows, cols))  # by (head, key block, query block)
+    col_ptr = np.zeros(slots + 1, np.int64)
+    col_ptr[1:] = np.cumsum(np.bincount(cols, minlength=slots))
+    return (col_ptr.astype(np.int32),
+            (rows[order] % num_blocks).astype(np.int32),
+            self.mask_idx[order].astype(np.int32))
+
 
 class Layout:
   """A sparse attention pattern over `num_heads` heads and `seq_len` tokens.

@@ -149,6 +149,7 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
   cache = layout.__dict__.setdefault("_st_keras_tensors", {})
   if index not in cache:
     comp = layout.components[index]
+    col_ptr, row_idx, col_mask_idx = comp.column_tables(layout.num_blocks)
     with tf.init_scope():
       perm = comp.perm
       cache[index] = {
@@ -161,6 +162,10 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
           "col_idx": tf.constant(comp.col_idx),
           "mask_idx": tf.constant(comp.mask_idx),
           "masks": tf.constant(comp.masks),
+          # The column-major table: the GPU kernels' backward walks it.
+          "col_ptr": tf.constant(col_ptr),
+          "row_idx": tf.constant(row_idx),
+          "col_mask_idx": tf.constant(col_mask_idx),
       }
   return cache[index]
 
@@ -286,7 +291,9 @@ def _component_custom_op(q, k, v, tables, scale, key_lengths):
   """
   out, lse, stats = load_library().sparse_transformer_block_sparse_attention(
       q, k, v, key_lengths, tables["key_positions"], tables["row_ptr"],
-      tables["col_idx"], tables["mask_idx"], tables["masks"], scale=scale)
+      tables["col_idx"], tables["mask_idx"], tables["masks"],
+      tables["col_ptr"], tables["row_idx"], tables["col_mask_idx"],
+      scale=scale)
   return out, lse, tf.stop_gradient(stats)
 
 

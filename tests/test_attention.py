@@ -377,13 +377,17 @@ class TestBadInput:
     with pytest.raises(TypeError, match="Layout"):
       call(self.q, self.k, self.v, self.lay.to_dense())
 
-  def _raw(self, **overrides):
+  def _tables(self):
     comp = self.lay.components[0]
-    args = dict(q=self.q, k=self.k, v=self.v,
-                key_lengths=np.zeros(0, np.int32),
+    col_ptr, row_idx, col_mask_idx = comp.column_tables(self.lay.num_blocks)
+    return dict(key_lengths=np.zeros(0, np.int32),
                 key_positions=np.zeros((0, 0), np.int32),
                 row_ptr=comp.row_ptr, col_idx=comp.col_idx,
-                mask_idx=comp.mask_idx, masks=comp.masks, scale=0.1)
+                mask_idx=comp.mask_idx, masks=comp.masks, col_ptr=col_ptr,
+                row_idx=row_idx, col_mask_idx=col_mask_idx)
+
+  def _raw(self, **overrides):
+    args = dict(q=self.q, k=self.k, v=self.v, scale=0.1, **self._tables())
     args.update(overrides)
     return ops.load_library().sparse_transformer_block_sparse_attention(
         **args)
@@ -399,6 +403,11 @@ class TestBadInput:
       (lambda c: dict(mask_idx=c.mask_idx + 50), "mask_idx"),
       (lambda c: dict(row_ptr=c.row_ptr[:-1]), "row_ptr"),
       (lambda c: dict(row_ptr=c.row_ptr[::-1].copy()), "row_ptr"),
+      (lambda c: dict(row_idx=np.full(c.nnz, 7, np.int32)), "row_idx"),
+      (lambda c: dict(col_mask_idx=np.full(c.nnz, 99, np.int32)),
+       "col_mask_idx"),
+      (lambda c: dict(col_ptr=c.row_ptr[:-1]), "col_ptr"),
+      (lambda c: dict(row_idx=np.zeros(c.nnz - 1, np.int32)), "row_idx"),
       (lambda c: dict(masks=np.zeros((1, 8, 8), np.uint8)), "block size"),
       (lambda c: dict(masks=np.zeros((1, 24, 24), np.uint8)),
        "one of 16, 32, 64, 128"),
@@ -415,15 +424,13 @@ class TestBadInput:
   @pytest.mark.parametrize("stats_rows,dlse_rows,match", [
       (64, 128, "stats"), (128, 64, "dlse")])
   def test_raw_grad_op_rejects_bad_shapes(self, stats_rows, dlse_rows, match):
-    comp = self.lay.components[0]
     lib = ops.load_library()
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
       lib.sparse_transformer_block_sparse_attention_grad(
-          self.q, self.k, self.v, self.q,
-          np.zeros((1, 2, stats_rows, 2), np.float32), self.q,
-          np.zeros((1, 2, dlse_rows), np.float32), np.zeros(0, np.int32),
-          np.zeros((0, 0), np.int32), comp.row_ptr, comp.col_idx,
-          comp.mask_idx, comp.masks, scale=0.1)
+          q=self.q, k=self.k, v=self.v, out=self.q,
+          stats=np.zeros((1, 2, stats_rows, 2), np.float32), dout=self.q,
+          dlse=np.zeros((1, 2, dlse_rows), np.float32), scale=0.1,
+          **self._tables())
 
 
 def test_pure_tf_path_exports_to_a_savedmodel_of_stock_ops(tmp_path):

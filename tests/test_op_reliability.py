@@ -34,7 +34,9 @@ stats = np.zeros((1, 1, n, 2), np.float32)
 dlse = np.zeros((1, 1, n), np.float32)
 tables = [np.zeros(0, np.int32), np.zeros((0, 0), np.int32),
           np.array([0, 1], np.int32), np.array([0], np.int32),
-          np.array([-1], np.int32), np.zeros((0, n, n), np.uint8)]
+          np.array([-1], np.int32), np.zeros((0, n, n), np.uint8),
+          np.array([0, 1], np.int32), np.array([0], np.int32),
+          np.array([-1], np.int32)]
 calls = {
     "forward": lambda: lib.sparse_transformer_block_sparse_attention(
         z, z, z, *tables, scale=1.0),
@@ -72,7 +74,9 @@ def test_unsupported_block_sizes_are_rejected_by_both_ops(block_size):
   tables = [np.zeros(0, np.int32), np.zeros((0, 0), np.int32),
             np.array([0, 1], np.int32), np.array([0], np.int32),
             np.array([-1], np.int32),
-            np.zeros((0, block_size, block_size), np.uint8)]
+            np.zeros((0, block_size, block_size), np.uint8),
+            np.array([0, 1], np.int32), np.array([0], np.int32),
+            np.array([-1], np.int32)]
   lib = ops.load_library()
   match = f"must be one of 16, 32, 64, 128, got {block_size}"
   with pytest.raises(tf.errors.InvalidArgumentError, match=match):

@@ -5,6 +5,8 @@ tf.sysconfig where the headers and libtensorflow_framework.so.2 live, then symli
 the external repository @local_config_tf, which provides:
   @local_config_tf//:tf_header_lib             headers (include root: include/)
   @local_config_tf//:libtensorflow_framework   libtensorflow_framework.so.2 to link against
+  @local_config_tf//:python.sh                 runs that python (for build steps in Python,
+                                               such as the Triton kernels' compilation)
 """
 
 _PYTHON_BIN_PATH = "PYTHON_BIN_PATH"
@@ -30,6 +32,8 @@ cc_library(
     name = "libtensorflow_framework",
     srcs = ["libtensorflow_framework.so.2"],
 )
+
+exports_files(["python.sh"])
 """
 
 def _tf_configure_impl(ctx):
@@ -55,6 +59,9 @@ def _tf_configure_impl(ctx):
         fail("tf_configure: %s does not exist" % framework)
     ctx.symlink(paths["TF_INCLUDE"], "include")
     ctx.symlink(framework, "libtensorflow_framework.so.2")
+    # A script, not a symlink: a virtual environment's python finds its
+    # packages only when run by its own path.
+    ctx.file("python.sh", '#!/bin/sh\nexec "%s" "$@"\n' % python, executable = True)
     ctx.file("BUILD", _BUILD)
     ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
 

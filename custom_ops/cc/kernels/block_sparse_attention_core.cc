@@ -498,11 +498,6 @@ bool FinishRows(int64_t rows, int64_t d, const float* acc,
 
 }  // namespace
 
-bool IsSupportedBlockSize(int64_t block_size) {
-  return block_size == 16 || block_size == 32 || block_size == 64 ||
-         block_size == 128;
-}
-
 void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
                     int64_t block_size, int64_t head_dim, float* dst,
                     const ParallelFor& parallel_for) {

@@ -4,10 +4,8 @@
 // kernels (block_sparse_attention_kernels.cc) convert dtypes, allocate the
 // buffers and hand in a parallel-for over TensorFlow's CPU thread pool.
 //
-// Layout tables (see st_keras/layouts.py, `Component`): for head h and query
-// block r, tiles are entries row_ptr[h*nb + r] .. row_ptr[h*nb + r + 1] of
-// col_idx (key block) and mask_idx (-1: full tile, else a [bs, bs] uint8 mask
-// in `masks`, indexed [query][key]), key blocks increasing.
+// The shape and the layout tables are block_sparse_attention_params.h's;
+// the CPU core walks the row-major table.
 //
 // Shapes: q, k, v, out are [batch, heads, n, head_dim] row-major; lse is
 // [batch, heads, n]. "Tile-transposed" buffers hold, for every block of bs
@@ -23,6 +21,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "custom_ops/cc/kernels/block_sparse_attention_params.h"
+
 namespace st_keras {
 
 // Runs fn(begin, end, worker) over [0, total) in parallel; cost_per_unit is
@@ -32,36 +32,6 @@ namespace st_keras {
 using ParallelFor = std::function<void(
     int64_t total, int64_t cost_per_unit,
     const std::function<void(int64_t, int64_t, int)>& fn)>;
-
-// Block sizes the kernels support: 16, 32, 64 and 128.
-bool IsSupportedBlockSize(int64_t block_size);
-
-struct LayoutTables {
-  int num_heads = 0;   // heads of the layout (== heads of q)
-  int num_blocks = 0;  // nb = n / block_size
-  int block_size = 0;  // bs, a supported block size
-  int64_t num_masks = 0;
-  const int32_t* row_ptr = nullptr;       // [num_heads * nb + 1]
-  const int32_t* col_idx = nullptr;       // [nnz]
-  const int32_t* mask_idx = nullptr;      // [nnz]
-  const uint8_t* masks = nullptr;         // [num_masks, bs, bs]
-};
-
-struct AttentionShape {
-  int64_t batch = 0;
-  int64_t heads = 0;
-  int64_t seq_len = 0;  // n, a multiple of the block size
-  int64_t head_dim = 0;
-  // Positive and finite. Scores are scale times q.k, rounded once before
-  // the softmax's max and differences, which are then exact.
-  float scale = 1.0f;
-  // Optional per-example key lengths [batch]: key at original position j of
-  // example b is attended only when j < key_lengths[b].
-  const int32_t* key_lengths = nullptr;
-  // Optional original position of each kernel key position, [heads, n]
-  // (the layout's token permutation); identity when null.
-  const int32_t* key_positions = nullptr;
-};
 
 struct ForwardArgs {
   AttentionShape shape;

@@ -15,7 +15,10 @@ using shape_inference::ShapeHandle;
       .Input("row_ptr: int32")         \
       .Input("col_idx: int32")         \
       .Input("mask_idx: int32")        \
-      .Input("masks: uint8")
+      .Input("masks: uint8")           \
+      .Input("col_ptr: int32")         \
+      .Input("row_idx: int32")         \
+      .Input("col_mask_idx: int32")
 
 REGISTER_OP("SparseTransformer>BlockSparseAttention")
     .Input("q: T")
@@ -49,6 +52,8 @@ key_positions: [heads, n] original position of each (permuted) key, or empty
   for the identity.
 row_ptr, col_idx, mask_idx: row-major tile table of the layout.
 masks: [num_masks, block_size, block_size] token masks of partial tiles.
+col_ptr, row_idx, col_mask_idx: the same tiles by key block (the GPU
+  kernels' backward pass walks them).
 out: [batch, heads, n, head_dim]; rows with no allowed key are zero.
 lse: [batch, heads, n] float32 log-sum-exp of each row's scores (-inf if none).
 stats: [batch, heads, n, 2] float32 each row's max score m and log l, l the

@@ -1,0 +1,373 @@
+"""Triton kernels of fused block-sparse attention: forward and backward.
+
+One component of a layout (st_keras/layouts.py `Component`) in its kernel
+(maybe permuted) token order. q, k, v, out, dout, dq, dk, dv are [B, H, n, D]
+contiguous; a program owns one BLOCK-row tile of one (batch, head): the
+(batch, head) offset (b * H + h) * n * D is int64, offsets within a head are
+int32 (n * D < 2^31). Compiled ahead of time, give every pointer and n the
+attribute tt.divisibility=16 (as Triton's JIT does for 16-byte aligned
+pointers and multiples of 16): without it the tile loads are not pipelined
+and the forward needs 255 registers instead of about 140.
+
+Tables (int32): tiles of query block r of head h are entries
+row_ptr[h * nb + r] .. row_ptr[h * nb + r + 1] of col_idx (key block) and
+mask_idx (-1: full tile, else a row of masks [M, BLOCK, BLOCK] uint8, indexed
+[query][key]). The column-major table (`Component.column_tables`) holds the
+same tiles by key block: entries col_ptr[h * nb + c] .. col_ptr[h * nb + c + 1]
+of row_idx (query block) and col_mask_idx. Keys whose original position
+(key_positions[h, p] when has_key_positions, else p) is >= key_lengths[b]
+are masked when has_key_lengths.
+
+Semantics (those of the CPU op `SparseTransformer>BlockSparseAttention`):
+scores s = scale * (q . k), the dot product accumulated in float32 and scaled
+once; online softmax in float32 with m = max score and l = sum exp(s - m) per
+row; out = (sum p v) / l in the input dtype, lse = m + log l, stats = (m,
+log l); a row with no allowed key gets out = 0 and lse, m, log l = -inf. The
+backward recomputes p = exp((s - m) - log l), exactly 0 (by tl.where on the
+mask) where masked: dv = p^T dout, ds = p (dout v^T - delta) scale with
+delta = rowsum(dout * out) - dlse, dk = ds^T q, dq = ds k. dK/dV come from a
+kernel walking the column table and dQ from one walking the row table: no
+atomics, each output tile is written by one program.
+
+float16 and bfloat16 operands go to the tensor cores as they are, the
+probabilities and dS cast to the input dtype for their products, as
+flash-attention does. float32 operands take tf32x3 products (three TF32
+products per product, about float32's precision on the tensor cores; plain
+TF32 would lose 13 mantissa bits, IEEE products on the FMA units compile for
+minutes and spill at block 64); Triton's interpreter computes them in float32.
+float32 specialisations exist up to BLOCK * HEAD_DIM = 4096 (see LAUNCH).
+
+Non-finite inputs: a NaN score at an allowed position makes its row's out,
+lse and log l NaN (the exp of the NaN reaches l and the row's accumulator,
+whether or not the max skipped it), and a row with a NaN stat gets NaN
+gradients at its allowed positions. Masked positions get p = dS = 0 exactly,
+but the tile products spread a NaN or inf of q, k, v or dout, as 0 * NaN, to
+the rows and keys that share a tile with it (also in the forward: a
+non-finite v[j] reaches every row of the tiles holding key j, where the CPU op
+confines it to the rows that attend j).
+"""
+
+import triton
+import triton.language as tl
+
+# Block sizes (BLOCK), head dims (HEAD_DIM) and element types (Triton's
+# names) the kernels are written for; the GPU build compiles GPU_BLOCK_SIZES x
+# GPU_HEAD_DIMS x DTYPES where LAUNCH has an entry.
+BLOCK_SIZES = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)
+GPU_BLOCK_SIZES = (32, 64, 128)
+GPU_HEAD_DIMS = (64, 128)
+DTYPES = ("fp16", "bf16", "fp32")
+
+# Rows of [rows, D] per program of bsa_backward_delta (its ROWS constexpr).
+DELTA_ROWS = 64
+
+# (num_warps, num_stages) per tile kernel and BLOCK: float16/bfloat16, and
+# float32, whose tiles take twice the shared memory (and tf32x3 products
+# three times the registers). The half-precision entries for blocks 32, 64
+# and 128 are the fastest of tools/gpu_tune.py's sweep on an H200 (bf16,
+# head_dim 64, n = 16384, fixed and strided patterns; BENCHMARKS.md), where
+# 8 warps at block 64 took twice as long as 4; the others are untuned. Every
+# entry fits sm_80's 163 KB and sm_90's 227 KB of shared memory.
+_HALF_OPTIONS = {
+    "bsa_forward": {16: (4, 2), 32: (4, 3), 64: (4, 2), 128: (8, 2)},
+    "bsa_backward_dkdv": {16: (4, 2), 32: (4, 2), 64: (4, 1), 128: (8, 2)},
+    "bsa_backward_dq": {16: (4, 2), 32: (4, 3), 64: (4, 1), 128: (8, 2)},
+}
+_FP32_OPTIONS = {
+    "bsa_forward": {16: (4, 2), 32: (4, 2), 64: (4, 1), 128: (8, 1)},
+    "bsa_backward_dkdv": {16: (4, 1), 32: (4, 1), 64: (4, 1), 128: (8, 1)},
+    "bsa_backward_dq": {16: (4, 1), 32: (4, 1), 64: (4, 1), 128: (8, 1)},
+}
+# float32 fits shared memory on both archs up to BLOCK * HEAD_DIM = 4096
+# (block 64 with head_dim 128 needs 180 KB on sm_80 in bsa_backward_dkdv).
+_FP32_MAX_TILE = 4096
+
+
+def _launch_table(kernel):
+  """Launch options of one tile kernel for every specialisation that fits.
+
+  Args:
+    kernel: name of a tile kernel, a key of _HALF_OPTIONS.
+
+  Returns:
+    {(BLOCK, HEAD_DIM, dtype): dict(num_warps, num_stages, maxnreg)}.
+  """
+  table = {}
+  for bs in BLOCK_SIZES:
+    for d in HEAD_DIMS:
+      for t in DTYPES:
+        if t == "fp32" and bs * d > _FP32_MAX_TILE:
+          continue
+        options = _FP32_OPTIONS if t == "fp32" else _HALF_OPTIONS
+        warps, stages = options[kernel][bs]
+        table[(bs, d, t)] = dict(num_warps=warps, num_stages=stages,
+                                 maxnreg=255)
+  return table
+
+
+# Launch options, the one source for launch.py and the ahead-of-time
+# compiler: LAUNCH[kernel][(BLOCK, HEAD_DIM, dtype)] for the three tile
+# kernels (a missing key is a specialisation that does not fit) and
+# LAUNCH["bsa_backward_delta"][(HEAD_DIM, dtype)]. maxnreg=255: without it,
+# ptxas gives some sm_80 kernels 32 registers and kilobytes of spills.
+LAUNCH = {kernel: _launch_table(kernel) for kernel in _HALF_OPTIONS}
+LAUNCH["bsa_backward_delta"] = {
+    (d, t): dict(num_warps=4, num_stages=1) for d in HEAD_DIMS for t in DTYPES
+}
+
+
+@triton.jit
+def _dot(a, b, acc):
+  """acc + a @ b in float32; float32 operands get tf32x3 products."""
+  if a.dtype == tl.float32:
+    return tl.dot(a, b, acc, input_precision="tf32x3")
+  else:
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _keys_valid(KeyPositions, key_length, h, key_block, n,
+                has_key_positions, BLOCK: tl.constexpr):
+  """Returns bool [BLOCK]: the block's keys whose original position < length.
+
+  Args:
+    KeyPositions: *i32 [H, n], original position of each kernel position.
+    key_length: i32, keys at original positions >= it are masked.
+    h: head.
+    key_block: kernel key block.
+    n: sequence length.
+    has_key_positions: whether KeyPositions is given (else the identity).
+    BLOCK: tile width.
+
+  Returns:
+    bool [BLOCK].
+  """
+  pos = key_block * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) kernel positions
+  if has_key_positions != 0:
+    pos = tl.load(KeyPositions + h.to(tl.int64) * n + pos)
+  return pos < key_length
+
+
+@triton.jit
+def bsa_forward(Q, K, V, Out, Lse, Stats,
+                RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
+                scale, n, num_heads, has_key_lengths, has_key_positions,
+                BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+  """Online-softmax attention of one query block of one (batch, head).
+
+  Grid (n // BLOCK, B * num_heads); program (r, bh) computes query block r of
+  (b, h) = divmod(bh, num_heads) and writes its rows of Out, Lse and Stats.
+  """
+  r = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = bh // num_heads
+  h = bh % num_heads
+  nb = n // BLOCK
+  offs_m = tl.arange(0, BLOCK)
+  offs_n = tl.arange(0, BLOCK)
+  offs_d = tl.arange(0, HEAD_DIM)
+  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
+  Q += head * HEAD_DIM
+  K += head * HEAD_DIM
+  V += head * HEAD_DIM
+  Out += head * HEAD_DIM
+  Lse += head
+  Stats += 2 * head
+  rows = r * BLOCK + offs_m  # (BLOCK,) query positions in the head
+  q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+  key_length = n
+  if has_key_lengths != 0:
+    key_length = tl.load(KeyLengths + b)
+
+  m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+  l_i = tl.zeros([BLOCK], tl.float32)
+  acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+  start = tl.load(RowPtr + h * nb + r)
+  end = tl.load(RowPtr + h * nb + r + 1)
+  for t in range(start, end):
+    key_block = tl.load(ColIdx + t)
+    keys = key_block * BLOCK + offs_n  # (BLOCK,) key positions in the head
+    k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+    v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+    valid = offs_n < BLOCK  # (BLOCK,) keys within the key length
+    if has_key_lengths != 0:
+      valid = _keys_valid(KeyPositions, key_length, h, key_block, n,
+                          has_key_positions, BLOCK)
+    allowed = (offs_m < BLOCK)[:, None] & valid[None, :]  # (BLOCK, BLOCK)
+    mask_id = tl.load(MaskIdx + t)
+    if mask_id >= 0:
+      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
+                     offs_m[:, None] * BLOCK + offs_n[None, :])
+      allowed = allowed & (tile != 0)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
+    s = tl.where(allowed, s, float("-inf"))  # (BLOCK, BLOCK) [query, key]
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK,)
+    # Rows that attended nothing yet keep m = -inf; shift them by 0 so that
+    # exp gives 0 for their -inf scores and NaN for a NaN score.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - shift)
+    p = tl.exp(s - shift[:, None])  # (BLOCK, BLOCK)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BLOCK, D)
+    m_i = m_new
+
+  # l = 0: the row attended nothing (out 0, lse and stats -inf).
+  out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # (BLOCK, D)
+  log_l = tl.log(l_i)
+  tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :],
+           out.to(Out.dtype.element_ty))
+  tl.store(Lse + rows, m_i + log_l)
+  tl.store(Stats + 2 * rows, m_i)
+  tl.store(Stats + 2 * rows + 1, log_l)
+
+
+@triton.jit
+def bsa_backward_delta(Out, DOut, DLse, Delta, rows,
+                       HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+  """delta = rowsum(dout * out) - dlse in float32 for ROWS rows.
+
+  Grid (cdiv(rows, ROWS),) over the [rows, D] views of out and dout.
+  """
+  row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+  ok = row < rows
+  offs_d = tl.arange(0, HEAD_DIM)
+  offsets = row[:, None] * HEAD_DIM + offs_d[None, :]  # (ROWS, D)
+  out = tl.load(Out + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+  dout = tl.load(DOut + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+  dlse = tl.load(DLse + row, mask=ok, other=0.0)
+  tl.store(Delta + row, tl.sum(dout * out, 1) - dlse, mask=ok)
+
+
+@triton.jit
+def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
+                      ColPtr, RowIdx, ColMaskIdx, Masks, KeyLengths,
+                      KeyPositions,
+                      scale, n, num_heads, has_key_lengths, has_key_positions,
+                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+  """dK and dV of one key block of one (batch, head), by the column table.
+
+  Grid (n // BLOCK, B * num_heads); program (c, bh) writes the rows of key
+  block c. Works on transposed tiles [key, query], so that dV += P^T dO and
+  dK += dS^T Q need no transpose of P or dS.
+  """
+  c = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = bh // num_heads
+  h = bh % num_heads
+  nb = n // BLOCK
+  offs_m = tl.arange(0, BLOCK)
+  offs_n = tl.arange(0, BLOCK)
+  offs_d = tl.arange(0, HEAD_DIM)
+  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
+  Q += head * HEAD_DIM
+  K += head * HEAD_DIM
+  V += head * HEAD_DIM
+  DOut += head * HEAD_DIM
+  DK += head * HEAD_DIM
+  DV += head * HEAD_DIM
+  Stats += 2 * head
+  Delta += head
+  keys = c * BLOCK + offs_n  # (BLOCK,) key positions in the head
+  k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+  v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+  valid = offs_n < BLOCK  # (BLOCK,) keys within the key length
+  if has_key_lengths != 0:
+    valid = _keys_valid(KeyPositions, tl.load(KeyLengths + b), h, c, n,
+                        has_key_positions, BLOCK)
+
+  dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+  dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+  start = tl.load(ColPtr + h * nb + c)
+  end = tl.load(ColPtr + h * nb + c + 1)
+  for t in range(start, end):
+    rows = tl.load(RowIdx + t) * BLOCK + offs_m  # (BLOCK,) query positions
+    q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+    dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    m = tl.load(Stats + 2 * rows)  # (BLOCK,) per query
+    log_l = tl.load(Stats + 2 * rows + 1)
+    delta = tl.load(Delta + rows)
+    # Rows with log l = -inf attended nothing: p = 0.
+    allowed = valid[:, None] & (log_l != float("-inf"))[None, :]
+    mask_id = tl.load(ColMaskIdx + t)
+    if mask_id >= 0:  # the tile's mask, read transposed: [key, query]
+      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
+                     offs_m[None, :] * BLOCK + offs_n[:, None])
+      allowed = allowed & (tile != 0)
+    s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
+    p_t = tl.where(allowed,
+                   tl.exp((s_t - m[None, :]) - log_l[None, :]), 0.0)
+    dv = _dot(p_t.to(dout.dtype), dout, dv)  # (BLOCK, D)
+    dp_t = _dot(v, tl.trans(dout), tl.zeros([BLOCK, BLOCK], tl.float32))
+    ds_t = tl.where(allowed, p_t * (dp_t - delta[None, :]) * scale, 0.0)
+    dk = _dot(ds_t.to(q.dtype), q, dk)  # (BLOCK, D)
+
+  tl.store(DK + keys[:, None] * HEAD_DIM + offs_d[None, :],
+           dk.to(DK.dtype.element_ty))
+  tl.store(DV + keys[:, None] * HEAD_DIM + offs_d[None, :],
+           dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
+                    RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
+                    scale, n, num_heads, has_key_lengths, has_key_positions,
+                    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+  """dQ of one query block of one (batch, head), by the row table.
+
+  Grid (n // BLOCK, B * num_heads); program (r, bh) writes the rows of query
+  block r.
+  """
+  r = tl.program_id(0)
+  bh = tl.program_id(1)
+  b = bh // num_heads
+  h = bh % num_heads
+  nb = n // BLOCK
+  offs_m = tl.arange(0, BLOCK)
+  offs_n = tl.arange(0, BLOCK)
+  offs_d = tl.arange(0, HEAD_DIM)
+  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
+  Q += head * HEAD_DIM
+  K += head * HEAD_DIM
+  V += head * HEAD_DIM
+  DOut += head * HEAD_DIM
+  DQ += head * HEAD_DIM
+  Stats += 2 * head
+  Delta += head
+  rows = r * BLOCK + offs_m  # (BLOCK,) query positions in the head
+  q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+  dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
+  m = tl.load(Stats + 2 * rows)  # (BLOCK,)
+  log_l = tl.load(Stats + 2 * rows + 1)
+  delta = tl.load(Delta + rows)
+  attends = log_l != float("-inf")  # rows with log l = -inf: p = 0
+  key_length = n
+  if has_key_lengths != 0:
+    key_length = tl.load(KeyLengths + b)
+
+  dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+  start = tl.load(RowPtr + h * nb + r)
+  end = tl.load(RowPtr + h * nb + r + 1)
+  for t in range(start, end):
+    key_block = tl.load(ColIdx + t)
+    keys = key_block * BLOCK + offs_n  # (BLOCK,) key positions in the head
+    k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+    v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
+    valid = offs_n < BLOCK
+    if has_key_lengths != 0:
+      valid = _keys_valid(KeyPositions, key_length, h, key_block, n,
+                          has_key_positions, BLOCK)
+    allowed = attends[:, None] & valid[None, :]  # (BLOCK, BLOCK)
+    mask_id = tl.load(MaskIdx + t)
+    if mask_id >= 0:
+      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
+                     offs_m[:, None] * BLOCK + offs_n[None, :])
+      allowed = allowed & (tile != 0)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
+    p = tl.where(allowed, tl.exp((s - m[:, None]) - log_l[:, None]), 0.0)
+    dp = _dot(dout, tl.trans(v), tl.zeros([BLOCK, BLOCK], tl.float32))
+    ds = tl.where(allowed, p * (dp - delta[:, None]) * scale, 0.0)
+    dq = _dot(ds.to(k.dtype), k, dq)  # (BLOCK, D)
+
+  tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :],
+           dq.to(DQ.dtype.element_ty))

@@ -1,0 +1,410 @@
+"""PyTorch driver of the Triton block-sparse attention kernels.
+
+Launches `custom_ops.triton.kernels` on torch tensors: on a CUDA device, or on
+CPU under Triton's interpreter (set ``TRITON_INTERPRET=1`` before
+`custom_ops.triton.kernels` is first imported: `@triton.jit` picks the
+interpreter when it decorates). Imports neither TensorFlow nor st_keras (whose
+package imports TensorFlow): it takes `st_keras.layouts` objects from the
+caller, so it runs the kernels on a GPU machine that has only PyTorch:
+
+  tables = component_tables(layout.components[0], layout.num_blocks, "cuda")
+  out, lse, stats = forward(q, k, v, tables, scale)
+  out = attention(q, k, v, layout)  # whole layout, differentiable
+
+`attention` computes what `st_keras.ops.block_sparse_attention` computes:
+per component, q, k and v permuted into the component's kernel order, the
+kernels, the results permuted back, and the components merged by
+log-sum-exp as `st_keras.ops._merge_components` does.
+"""
+
+import math
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+
+from custom_ops.triton import kernels
+
+_THIS_MODULE = sys.modules[__name__]
+
+# Triton's names of the element types, as keys of kernels.LAUNCH.
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def interpreted() -> bool:
+  """Whether the kernels were decorated for Triton's interpreter."""
+  from triton.runtime.interpreter import InterpretedFunction  # pylint: disable=g-import-not-at-top
+  return isinstance(kernels.bsa_forward, InterpretedFunction)
+
+
+def _check_device(device: torch.device) -> None:
+  """Raises RuntimeError unless the kernels can run on `device`."""
+  if device.type != "cuda" and not interpreted():
+    raise RuntimeError(
+        f"the Triton kernels need CUDA tensors, got tensors on {device}; to "
+        f"run them on CPU set TRITON_INTERPRET=1 before "
+        f"custom_ops.triton.kernels is first imported")
+
+
+def component_tables(component, num_blocks: int, device) -> dict:
+  """The tables of one component as torch tensors on `device`.
+
+  Args:
+    component: an `st_keras.layouts.Component`.
+    num_blocks: nb, the layout's blocks per head.
+    device: torch device (or its name) to put them on.
+
+  Returns:
+    dict of int32 tensors "row_ptr", "col_idx", "mask_idx" (row table),
+    "col_ptr", "row_idx", "col_mask_idx" (column table), "key_positions"
+    ([heads, n] the component's permutation, or an empty [0] tensor when it
+    has none), and the uint8 "masks" [num_masks, bs, bs].
+  """
+  col_ptr, row_idx, col_mask_idx = component.column_tables(num_blocks)
+  arrays = {
+      "row_ptr": component.row_ptr, "col_idx": component.col_idx,
+      "mask_idx": component.mask_idx, "col_ptr": col_ptr,
+      "row_idx": row_idx, "col_mask_idx": col_mask_idx,
+      "key_positions": (np.zeros(0, np.int32) if component.perm is None
+                        else component.perm),
+  }
+  tables = {name: torch.from_numpy(np.ascontiguousarray(a, np.int32)).to(device)
+            for name, a in arrays.items()}
+  tables["masks"] = torch.from_numpy(
+      np.ascontiguousarray(component.masks, np.uint8)).to(device)
+  return tables
+
+
+_TILE_KERNELS = ("bsa_forward", "bsa_backward_dkdv", "bsa_backward_dq")
+
+
+def _options(kernel: str, key) -> dict:
+  """kernels.LAUNCH[kernel][key], or a ValueError naming what is missing."""
+  options = kernels.LAUNCH[kernel].get(key)
+  if options is None:
+    raise ValueError(f"{kernel} has no specialisation for (block, head_dim, "
+                     f"dtype) = {key}: its tiles would not fit in shared "
+                     f"memory (float32 needs block * head_dim <= 4096)")
+  return options
+
+
+def _geometry(q, k, v, tables, key_lengths):
+  """Checks the inputs of one component's kernels.
+
+  Args:
+    q: queries, [B, H, n, D].
+    k: keys.
+    v: values.
+    tables: `component_tables` of the component.
+    key_lengths: int32 [B] tensor or None.
+
+  Returns:
+    (B, H, n, D, BLOCK, key_lengths), key_lengths the int32 tensor to pass
+    (an empty one when None).
+
+  Raises:
+    ValueError, TypeError: naming the argument that is wrong.
+    RuntimeError: no CUDA tensors and the kernels are not interpreted.
+  """
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+      raise ValueError(f"{name} must be a 4-D tensor [batch, heads, n, "
+                       f"head_dim], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in DTYPES:
+      raise TypeError(f"{name} must be float16, bfloat16 or float32, got "
+                      f"{x.dtype}")
+    if not x.is_contiguous():
+      raise ValueError(f"{name} must be contiguous")
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, "
+                    f"{k.dtype}, {v.dtype}")
+  if not q.shape == k.shape == v.shape:
+    raise ValueError(f"q, k and v must have one shape, got "
+                     f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+  if not q.device == k.device == v.device:
+    raise ValueError(f"q, k and v must be on one device, got {q.device}, "
+                     f"{k.device}, {v.device}")
+  _check_device(q.device)
+  batch, heads, n, head_dim = q.shape
+  if head_dim not in kernels.HEAD_DIMS:
+    raise ValueError(f"head_dim (last axis of q) must be one of "
+                     f"{kernels.HEAD_DIMS}, got {head_dim}")
+  block = tables["masks"].shape[-1]
+  if block not in kernels.BLOCK_SIZES:
+    raise ValueError(f"tables: block size must be one of "
+                     f"{kernels.BLOCK_SIZES}, got {block}")
+  if n % block:
+    raise ValueError(f"q: n ({n}) must be a multiple of the layout's block "
+                     f"size ({block})")
+  for kernel in _TILE_KERNELS:
+    _options(kernel, (block, head_dim, DTYPES[q.dtype]))
+  if n * head_dim >= 2**31:
+    raise ValueError(f"q: n * head_dim ({n} * {head_dim}) must be below 2^31 "
+                     f"(offsets within a head are int32)")
+  if batch * heads > 65535:
+    raise ValueError(f"q: batch * heads ({batch} * {heads}) must be at most "
+                     f"65535 (the grid's second axis)")
+  if tables["row_ptr"].numel() != heads * (n // block) + 1:
+    raise ValueError(
+        f"tables: row_ptr has {tables['row_ptr'].numel()} entries, want "
+        f"heads * n / block + 1 = {heads * (n // block) + 1} for q of shape "
+        f"{tuple(q.shape)}")
+  for name, x in tables.items():
+    if x.device != q.device:
+      raise ValueError(f"tables[{name!r}] is on {x.device}, q on {q.device}")
+  if tables["key_positions"].numel() not in (0, heads * n):
+    raise ValueError(f"tables: key_positions must be empty or [heads, n] = "
+                     f"[{heads}, {n}], got "
+                     f"{tuple(tables['key_positions'].shape)}")
+  if key_lengths is None:
+    key_lengths = torch.zeros(0, dtype=torch.int32, device=q.device)
+  elif (not isinstance(key_lengths, torch.Tensor) or
+        key_lengths.dtype != torch.int32 or
+        tuple(key_lengths.shape) != (batch,) or
+        key_lengths.device != q.device):
+    raise ValueError(f"key_lengths must be an int32 tensor of shape [batch] "
+                     f"= [{batch}] on {q.device}, got "
+                     f"{getattr(key_lengths, 'dtype', type(key_lengths))} "
+                     f"{tuple(getattr(key_lengths, 'shape', ()))}")
+  return batch, heads, n, head_dim, block, key_lengths.contiguous()
+
+
+def forward(q, k, v, tables: dict, scale: float, key_lengths=None):
+  """Attention over one component (kernel order): launches bsa_forward.
+
+  Args:
+    q: [B, H, n, D] float16, bfloat16 or float32, contiguous, in the
+      component's kernel order.
+    k: keys, like q.
+    v: values, like q.
+    tables: `component_tables` of the component, on q's device.
+    scale: positive score scale.
+    key_lengths: optional int32 [B]: keys at original positions >=
+      key_lengths[b] are masked for example b.
+
+  Returns:
+    (out [B, H, n, D] q.dtype, lse [B, H, n] float32, stats [B, H, n, 2]
+    float32 (max score m, log l)); a row with no allowed key gets out 0 and
+    lse, m, log l -inf.
+  """
+  batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
+                                                        key_lengths)
+  out = torch.empty_like(q)  # (B, H, n, D)
+  lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
+  stats = torch.empty(batch, heads, n, 2, dtype=torch.float32,
+                      device=q.device)
+  grid = (n // block, batch * heads)
+  kernels.bsa_forward[grid](
+      q, k, v, out, lse, stats,
+      tables["row_ptr"], tables["col_idx"], tables["mask_idx"],
+      tables["masks"], lengths, tables["key_positions"],
+      float(scale), n, heads, int(key_lengths is not None),
+      int(tables["key_positions"].numel() > 0),
+      BLOCK=block, HEAD_DIM=head_dim,
+      **_options("bsa_forward", (block, head_dim, DTYPES[q.dtype])))
+  return out, lse, stats
+
+
+def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
+             key_lengths=None):
+  """Gradients of one component: launches the delta, dK/dV and dQ kernels.
+
+  Args:
+    q: [B, H, n, D] as given to `forward`.
+    k: keys, like q.
+    v: values, like q.
+    out: [B, H, n, D] the forward's output.
+    stats: [B, H, n, 2] float32, the forward's stats.
+    dout: [B, H, n, D] upstream gradient of out (any float dtype).
+    dlse: [B, H, n] upstream gradient of lse, or None for zeros.
+    tables: `component_tables` of the component.
+    scale: the forward's scale.
+    key_lengths: the forward's key_lengths.
+
+  Returns:
+    (dq, dk, dv), each [B, H, n, D] in q's dtype.
+  """
+  batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
+                                                        key_lengths)
+  shape4 = (batch, heads, n, head_dim)
+  for name, x, shape in (("out", out, shape4), ("dout", dout, shape4),
+                         ("stats", stats, (batch, heads, n, 2))):
+    if tuple(x.shape) != shape or x.device != q.device:
+      raise ValueError(f"{name} must have shape {shape} on {q.device}, got "
+                       f"{tuple(x.shape)} on {x.device}")
+  if stats.dtype != torch.float32:
+    raise TypeError(f"stats must be float32, got {stats.dtype}")
+  if dlse is None:
+    dlse = torch.zeros(batch, heads, n, dtype=torch.float32, device=q.device)
+  if tuple(dlse.shape) != (batch, heads, n):
+    raise ValueError(f"dlse must have shape {(batch, heads, n)}, got "
+                     f"{tuple(dlse.shape)}")
+  out = out.to(q.dtype).contiguous()
+  dout = dout.to(q.dtype).contiguous()
+  dlse = dlse.to(torch.float32).contiguous()
+  stats = stats.contiguous()
+  rows = batch * heads * n
+  delta = torch.empty(rows, dtype=torch.float32, device=q.device)
+  kernels.bsa_backward_delta[(triton.cdiv(rows, kernels.DELTA_ROWS),)](
+      out, dout, dlse, delta, rows, HEAD_DIM=head_dim,
+      ROWS=kernels.DELTA_ROWS,
+      **_options("bsa_backward_delta", (head_dim, DTYPES[q.dtype])))
+  dq, dk, dv = (torch.empty_like(q) for _ in range(3))  # (B, H, n, D)
+  grid = (n // block, batch * heads)
+  flags = (float(scale), n, heads, int(key_lengths is not None),
+           int(tables["key_positions"].numel() > 0))
+  kernels.bsa_backward_dkdv[grid](
+      q, k, v, dout, stats, delta, dk, dv,
+      tables["col_ptr"], tables["row_idx"], tables["col_mask_idx"],
+      tables["masks"], lengths, tables["key_positions"], *flags,
+      BLOCK=block, HEAD_DIM=head_dim,
+      **_options("bsa_backward_dkdv", (block, head_dim, DTYPES[q.dtype])))
+  kernels.bsa_backward_dq[grid](
+      q, k, v, dout, stats, delta, dq,
+      tables["row_ptr"], tables["col_idx"], tables["mask_idx"],
+      tables["masks"], lengths, tables["key_positions"], *flags,
+      BLOCK=block, HEAD_DIM=head_dim,
+      **_options("bsa_backward_dq", (block, head_dim, DTYPES[q.dtype])))
+  return dq, dk, dv
+
+
+class ComponentAttention(torch.autograd.Function):
+  """Differentiable attention over one component (kernel order).
+
+  apply(q, k, v, tables, scale, key_lengths, backend) -> (out, lse, stats);
+  stats (m, log l) is not differentiable and feeds the merge of components.
+  backend has this module's `forward` and `backward` (the kernels launched
+  from Python) or the same functions over another launcher.
+  """
+
+  @staticmethod
+  def forward(ctx, q, k, v, tables, scale, key_lengths, backend):  # pylint: disable=arguments-differ
+    out, lse, stats = backend.forward(q, k, v, tables, scale, key_lengths)
+    ctx.save_for_backward(q, k, v, out, stats)
+    ctx.tables, ctx.scale, ctx.key_lengths = tables, scale, key_lengths
+    ctx.backend = backend
+    ctx.mark_non_differentiable(stats)
+    return out, lse, stats
+
+  @staticmethod
+  def backward(ctx, dout, dlse, unused_dstats):  # pylint: disable=arguments-differ
+    q, k, v, out, stats = ctx.saved_tensors
+    dq, dk, dv = ctx.backend.backward(q, k, v, out, stats, dout, dlse,
+                                      ctx.tables, ctx.scale, ctx.key_lengths)
+    return dq, dk, dv, None, None, None, None
+
+
+def _permute(x, index):
+  """Gathers axis 2 of x [B, H, n, ...] by index [H, n] (per head)."""
+  index = index.view((1,) + tuple(index.shape) + (1,) * (x.dim() - 3))
+  return torch.gather(x, 2, index.expand(x.shape)).contiguous()
+
+
+def _merge_components(outs, lses, stats, dtype):
+  """Log-sum-exp merge of token-disjoint parts, as st_keras.ops does.
+
+  Each part's weight is exp((m - top) + log l) normalised, top the largest
+  m, with the gradient of lse - top.
+
+  Args:
+    outs: per part, [B, H, n, D].
+    lses: per part, [B, H, n] float32.
+    stats: per part, [B, H, n, 2] float32 (m, log l), no gradient.
+    dtype: the result's dtype.
+
+  Returns:
+    [B, H, n, D] attention over the union of the parts' keys.
+  """
+  lse = torch.stack(lses)  # (C, B, H, n)
+  row_max, log_sum = torch.stack(stats).unbind(-1)  # (C, B, H, n)
+  top = row_max.max(dim=0).values
+  top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+  exponent = (row_max - top) + log_sum + torch.where(
+      torch.isfinite(lse), lse - lse.detach(), torch.zeros_like(lse))
+  weights = torch.exp(exponent)  # (C, B, H, n); 0 where a part had no key
+  total = weights.sum(dim=0)
+  weights = weights / torch.where(total != 0, total, torch.ones_like(total))
+  out = sum(o.float() * w[..., None] for o, w in zip(outs, weights.unbind(0)))
+  return out.to(dtype)
+
+
+def _cached_tables(layout, index: int, device) -> dict:
+  """`component_tables` of component `index`, cached on the layout.
+
+  Args:
+    layout: an `st_keras.layouts.Layout`.
+    index: which component.
+    device: torch device.
+
+  Returns:
+    The tables, plus int64 "perm" and "inverse_perm" [H, n] when the
+    component has a permutation.
+  """
+  cache = layout.__dict__.setdefault("_st_keras_torch_tables", {})
+  key = (index, str(device))
+  if key not in cache:
+    comp = layout.components[index]
+    tables = component_tables(comp, layout.num_blocks, device)
+    if comp.perm is not None:
+      tables["perm"] = tables["key_positions"].long()
+      tables["inverse_perm"] = torch.argsort(tables["perm"], dim=1)
+    cache[key] = tables
+  return cache[key]
+
+
+def attention(q, k, v, layout, scale: Optional[float] = None,
+              key_lengths=None, backend=None):
+  """Block-sparse attention over a whole layout, differentiable by autograd.
+
+  Args:
+    q: [B, H, n, D] float16, bfloat16 or float32 (original token order).
+    k: keys, like q.
+    v: values, like q.
+    layout: an `st_keras.layouts.Layout` for n tokens and H heads.
+    scale: positive score scale, finite in float32; default 1 / sqrt(D).
+    key_lengths: optional int32 [B] tensor: keys at positions >=
+      key_lengths[b] are masked for example b.
+    backend: what runs one component: an object with this module's
+      `forward` and `backward` functions (None: this module, the Triton
+      kernels launched from Python; tools/gpu_check.py passes the C ABI's).
+
+  Returns:
+    [B, H, n, D] in q's dtype; a query with no allowed key gets zeros.
+  """
+  if not all(hasattr(layout, a) for a in ("components", "num_blocks",
+                                            "seq_len", "num_heads")):
+    raise TypeError(f"layout must be an st_keras.layouts.Layout, got "
+                    f"{type(layout).__name__}")
+  if not isinstance(q, torch.Tensor) or q.dim() != 4:
+    raise ValueError(f"q must be a 4-D tensor [batch, heads, n, head_dim], "
+                     f"got {getattr(q, 'shape', type(q))}")
+  if q.shape[2] != layout.seq_len:
+    raise ValueError(f"layout is for seq_len {layout.seq_len} but q has "
+                     f"n = {q.shape[2]}")
+  if q.shape[1] != layout.num_heads:
+    raise ValueError(f"layout has {layout.num_heads} heads but q has "
+                     f"{q.shape[1]}")
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  with np.errstate(over="ignore"):
+    scale32 = np.float32(scale)
+  if not (np.isfinite(scale32) and scale32 > 0):
+    raise ValueError(f"scale must be a positive number finite in float32, "
+                     f"got {scale}")
+  q, k, v = (x.contiguous() for x in (q, k, v))
+  outs, lses, stats = [], [], []
+  for index, comp in enumerate(layout.components):
+    tables = _cached_tables(layout, index, q.device)
+    qc, kc, vc = q, k, v
+    if comp.perm is not None:
+      qc, kc, vc = (_permute(x, tables["perm"]) for x in (q, k, v))
+    parts = ComponentAttention.apply(qc, kc, vc, tables, float(scale32),
+                                     key_lengths, backend or _THIS_MODULE)
+    if comp.perm is not None:
+      parts = [_permute(x, tables["inverse_perm"]) for x in parts]
+    for results, x in zip((outs, lses, stats), parts):
+      results.append(x)
+  if len(outs) == 1:
+    return outs[0]
+  return _merge_components(outs, lses, stats, q.dtype)

@@ -6,9 +6,14 @@ the measurements travel as JSON and this script renders them: the issue's
 figures, every timing, the correctness summary, the launch-setting sweep and
 a plot of time against n (docs/gpu_attention.png).
 
-    python -m benchmarks.gpu_attention --date "2026-12-04 16:47-16:53 UTC" \
+    python -m benchmarks.gpu_attention --date "2026-12-04 18:21 UTC" \
         --check docs/gpu/gpu_check_d64.json docs/gpu/gpu_check_d128.json \
-        --tune docs/gpu/gpu_tune.json
+        --tune docs/gpu/gpu_tune.json \
+        --previous docs/gpu/d190c3f/gpu_check_d64.json \
+            docs/gpu/d190c3f/gpu_check_d128.json
+
+--previous (optional) names an earlier run's JSON, for a table of our times
+then and now.
 """
 
 from __future__ import annotations
@@ -120,6 +125,26 @@ def tune_table(tune) -> list:
   return lines
 
 
+def previous_table(runs, previous) -> list:
+  """Our forward and forward+backward times in `previous` and in `runs`."""
+  before = {(t["pattern"], t["n"], t["head_dim"]): t
+            for t in timings(previous)}
+  lines = ["| pattern | n | head_dim | forward ms then | now | speed-up | "
+           "forward+backward ms then | now | speed-up |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for t in timings(runs):
+    old = before.get((t["pattern"], t["n"], t["head_dim"]))
+    if old is None:
+      continue
+    cells = []
+    for part in ("fwd_ms", "fwd_bwd_ms"):
+      then, now = _ms(old, "ours", part), _ms(t, "ours", part)
+      cells += [f"{then:.3f}", f"{now:.3f}", f"{then / now:.2f}x"]
+    lines.append(f"| {t['pattern']} | {t['n']} | {t['head_dim']} | " +
+                 " | ".join(cells) + " |")
+  return lines
+
+
 def plot(runs, path):
   """Time against n per implementation: panels pattern x (fwd, fwd+bwd)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -182,6 +207,9 @@ def reading(runs, tune) -> list:
         f"{_span([_ms(t, 'flex', 'fwd_bwd_ms') / _ms(t, 'ours', 'fwd_bwd_ms') for t in strided])}x.")
   fixed = [t for t in all_t if t["pattern"] == "fixed" and t["n"] >= 16384]
   if fixed:
+    n, heads = fixed[0]["n"], fixed[0]["heads"]
+    lay = layouts.fixed(n, 64, 128, 32, heads)
+    computed = _tiles(lay) * 64 * 64 / lay.num_pairs()
     ours = [4 * t["pairs"] * t["head_dim"] / (_ms(t, "ours", "fwd_ms") *
                                                1e-3) / 1e12 for t in fixed]
     sdpa = [4 * t["batch"] * t["heads"] * t["n"] * (t["n"] + 1) / 2 *
@@ -189,46 +217,46 @@ def reading(runs, tune) -> list:
             for t in fixed]
     flex = [_ms(t, "flex", "fwd_bwd_ms") / _ms(t, "ours", "fwd_bwd_ms")
             for t in fixed]
+    dense = [_ms(t, "sdpa_causal", "fwd_bwd_ms") /
+             _ms(t, "ours", "fwd_bwd_ms") for t in fixed]
     out.append(
-        f"- The fixed pattern at block 64 with c = 32 keeps every summary "
-        f"block, each half attended, so it computes about half of causal "
-        f"attention's tiles. Its forward runs at {_span(ours, '{:.0f}')} "
-        f"TFLOP/s on attended pairs, against dense causal SDPA's "
+        f"- The fixed pattern's summary slots (c = 32) are half a 64-wide "
+        f"tile: the layout gathers the summary tokens in front, in a second "
+        f"component, so it computes {computed:.2f} pairs per attended pair "
+        f"(at n = {n}). Its forward runs at {_span(ours, '{:.0f}')} TFLOP/s "
+        f"on attended pairs, against dense causal SDPA's "
         f"{_span(sdpa, '{:.0f}')} on its own pairs: forward+backward is "
-        f"{_span(flex, '{:.2f}')}x FlexAttention's speed at n >= 16384, "
-        f"but slower than dense causal SDPA.")
+        f"{_span(flex, '{:.2f}')}x FlexAttention's speed and "
+        f"{_span(dense, '{:.2f}')}x dense causal SDPA's at n >= 16384. The "
+        f"pattern attends a quarter of causal attention's pairs, so 5x SDPA "
+        f"is out of its reach at the same efficiency; the 40% figure wants "
+        f"about twice the kernels' present rate per tile.")
   if tune:
-    sums = {}
+    best = {}
     for r in tune["rows"]:
-      fixed_ms = sum(v for k, v in r.items() if k.startswith("fixed"))
+      total = sum(v for k, v in r.items() if k.endswith("_ms"))
       key = (r["kernel"], r["block"])
-      sums[key] = min(sums.get(key, math.inf), fixed_ms)
-    fwd = {b: sums.get(("bsa_forward", b), math.nan) for b in (32, 64)}
-    bwd = {b: sums.get(("bsa_backward_dkdv", b), math.nan) +
-           sums.get(("bsa_backward_dq", b), math.nan) for b in (32, 64)}
+      if total < best.get(key, (math.inf,))[0]:
+        best[key] = (total, r["num_warps"], r["num_stages"])
     out.append(
-        f"- In the sweep, the fixed pattern at block 32 (its summary tiles "
-        f"fully attended) takes {fwd[32]:.2f} ms forward against "
-        f"{fwd[64]:.2f} at block 64, and {bwd[32]:.2f} ms backward against "
-        f"{bwd[64]:.2f}. Eight warps at block 64 took twice as long as four "
-        f"in every tile kernel.")
-    small = pick("strided", 4096)
-    kernels = [sum(v for k, v in r.items() if k.startswith("strided"))
-               for r in tune["rows"]
-               if r["kernel"] == "bsa_forward" and r["block"] == 64]
-    if small and kernels:
-      out.append(
-          f"- At n = 4096 the strided forward takes "
-          f"{_span([_ms(t, 'ours', 'fwd_ms') for t in small], '{:.2f}')} ms "
-          f"though its kernels take {min(kernels):.2f} ms at n = "
-          f"{tune['n']}: the PyTorch glue (gathers for the permutation, the "
-          f"merge of components) dominates small problems. Moving the "
-          f"permutation into the kernels is the next step, with the "
-          f"forward's per-tile efficiency.")
+        "- In the sweep (each kernel alone, in kernel order, both patterns' "
+        "components summed) the fastest settings are " + "; ".join(
+            f"{kernel} at block {block}: {warps} warps, {stages} stages "
+            f"({total:.2f} ms)"
+            for (kernel, block), (total, warps, stages) in sorted(
+                best.items())) + ".")
+  small = pick("strided", 4096)
+  if small:
+    out.append(
+        f"- At n = 4096 our strided forward takes "
+        f"{_span([_ms(t, 'ours', 'fwd_ms') for t in small], '{:.2f}')} ms: "
+        f"the kernels read q, k, v in original order through the "
+        f"permutation and merge the two components themselves, so no "
+        f"PyTorch pass runs between them.")
   return out
 
 
-def section(runs, tune, date: str, command: str) -> str:
+def section(runs, tune, previous, date: str, command: str) -> str:
   first = runs[0]
   rates = ", ".join(f"{r['matmul_tflops']:.0f}" for r in runs)
   lines = [BEGIN,
@@ -236,23 +264,29 @@ def section(runs, tune, date: str, command: str) -> str:
            f"FlexAttention and SDPA ({first['device']})", "",
            f"- Command: `{command}` (the check ran on the lent GPU machine as "
            f"`bash tools/gpu_check.sh --head-dims 64` and `--head-dims 128`, "
-           f"the sweep as `python3 tools/gpu_tune.py`; their JSON is under "
-           f"docs/gpu/).",
+           f"the sweep as `python3 tools/gpu_tune.py --blocks 64`; their "
+           f"JSON is under docs/gpu/, with `python3 tools/gpu_profile.py`'s "
+           f"table of where the time goes in docs/gpu/gpu_profile.txt).",
            f"- Machine: one {first['device']}, driver 580; Python "
            f"{first['python']}, PyTorch {first['torch']}, Triton "
            f"{first['triton']} there. Date: {date}.",
            f"- Our kernels run through the C ABI library "
            f"(`libst_bsa_gpu.so`, cubins compiled ahead of time here by "
-           f"Triton 3.9 for sm_90a) from PyTorch: per component an autograd "
-           f"function, with the strided pattern's permutation and the merge "
-           f"of components in PyTorch, as the TensorFlow op does them in "
-           f"TensorFlow. bf16, batch 2, 16 heads, block 64; FlexAttention "
+           f"Triton 3.9 for sm_90a) from PyTorch (`launch.attention`): one "
+           f"autograd function per layout, whose kernels address q, k, v in "
+           f"original order through each component's permutation and merge "
+           f"the components (the forward continues one online softmax, the "
+           f"backward adds). The TensorFlow op runs the same kernels one "
+           f"component at a time in kernel order, with the permutation and "
+           f"the merge in TensorFlow (not timed here: the GPU machine has "
+           f"no TensorFlow). bf16, batch 2, 16 heads, block 64; FlexAttention "
            f"with `torch.compile(flex_attention, dynamic=False)` and the "
            f"pattern's token mask (`create_block_mask`, its default 128 "
            f"blocks); SDPA with `is_causal=True`. Medians of "
            f"`triton.testing.do_bench`.",
            f"- Dense bf16 matmul measured in the same runs (8192^3): "
-           f"{rates} TFLOP/s.", "",
+           f"{rates} TFLOP/s (the figures use the largest; the rate moves "
+           f"by 10% between runs, so compare ratios within a run).", "",
            "### The figures of the GPU kernels issue", "",
            "| figure | measured | met |", "|---|---|---|"]
   lines += [f"| {f} | {m} | {'yes' if ok else 'no'} |"
@@ -266,6 +300,10 @@ def section(runs, tune, date: str, command: str) -> str:
               f"heads, head_dim {tune['head_dim']}; the strided pattern's two "
               f"components summed)", ""]
     lines += tune_table(tune)
+  if previous:
+    lines += ["", f"### Our times then and now (then: "
+              f"{', '.join(r['path'] for r in previous)})", ""]
+    lines += previous_table(runs, previous)
   lines += ["", "### Reading", ""] + reading(runs, tune) + [END]
   return "\n".join(lines) + "\n"
 
@@ -275,12 +313,15 @@ def main(argv=None) -> int:
   parser.add_argument("--check", nargs="+", required=True,
                       help="gpu_check.json files")
   parser.add_argument("--tune", help="a gpu_tune.json")
+  parser.add_argument("--previous", nargs="+",
+                      help="an earlier run's gpu_check.json files")
   parser.add_argument("--date", required=True,
                       help="when the runs were made (the JSON holds no date)")
   parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
   args = parser.parse_args(argv)
   runs = load(args.check)
   tune = load([args.tune])[0] if args.tune else None
+  previous = load(args.previous) if args.previous else None
   # The plot sits where the section's link finds it, beside the file.
   plot_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), PLOT)
   os.makedirs(os.path.dirname(plot_path), exist_ok=True)
@@ -288,8 +329,11 @@ def main(argv=None) -> int:
   command = (f"python -m benchmarks.gpu_attention --date '{args.date}' "
              f"--check " +
              " ".join(args.check) +
-             (f" --tune {args.tune}" if args.tune else ""))
-  write_section(args.out, section(runs, tune, args.date, command), BEGIN, END)
+             (f" --tune {args.tune}" if args.tune else "") +
+             (" --previous " + " ".join(args.previous) if args.previous
+              else ""))
+  write_section(args.out, section(runs, tune, previous, args.date, command),
+                BEGIN, END)
   print(f"wrote the GPU section of {args.out} and {PLOT}")
   return 0
 

@@ -380,8 +380,10 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
 
   Args:
     seq_len: n, a multiple of block_size.
-    block_size: tile width, one of 16, 32, 64, 128; no wider than `summary`
-      pays off (a wider tile holding summary columns is computed whole).
+    block_size: tile width, one of 16, 32, 64, 128. Causal layouts whose
+      summary slots are not whole tiles (c or l not a multiple of it) hold
+      A2 in a second component with the summary tokens gathered in front,
+      so no tile is mostly unused.
     stride: window length l.
     summary: number c of summary positions at the end of each window.
     num_heads: heads of the layout.
@@ -415,12 +417,81 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
       return allowed & (j <= i) if causal else allowed
     return pred
 
-  slots = [make_pred(s) for s in range(num_summary_patterns)]
-  preds = [slots[h % num_summary_patterns] for h in range(num_heads)]
+  name = f"fixed(l={l}, c={c}, part={part}, causal={causal})"
+  if causal and part != "local" and (c % block_size or l % block_size):
+    # Summary slots narrower than a tile (or off the tile grid) would leave
+    # most of each summary tile unused: gather them to the front instead.
+    comps = [] if part == "summary" else [
+        fixed(seq_len, block_size, l, c, num_heads, num_summary_patterns,
+              part="local").components[0]]
+    comps.append(_summary_component(seq_len, block_size, l, c, num_heads,
+                                    num_summary_patterns,
+                                    own_window=part == "summary"))
+    return Layout(seq_len, block_size, num_heads, comps, name=name)
+  # The local part is the same for every head: build it once.
+  slots = [make_pred(s) for s in range(
+      1 if part == "local" else num_summary_patterns)]
+  preds = [slots[h % len(slots)] for h in range(num_heads)]
   comp = _from_predicates(seq_len, block_size, preds, causal, period=l,
                           reach=_reach(l, block_size))
-  return Layout(seq_len, block_size, num_heads, [comp],
-                name=f"fixed(l={l}, c={c}, part={part}, causal={causal})")
+  return Layout(seq_len, block_size, num_heads, [comp], name=name)
+
+
+def _summary_component(seq_len, block_size, stride, summary, num_heads,
+                       num_patterns, own_window) -> Component:
+  """A2 of the causal fixed pattern with the summary tokens in front.
+
+  Kernel order of a head with summary slot s: its summary tokens (j mod l in
+  [l - c(s+1), l - c s)) in order, then every other token in order. Query i
+  then attends a prefix of the kernel positions: the c summary tokens of each
+  window before its own, plus (own_window) those of its own window up to i.
+  The tiles are full but for one or two per query block at the prefix's end.
+
+  Args:
+    seq_len: n.
+    block_size: tile width B.
+    stride: window length l.
+    summary: c.
+    num_heads: heads.
+    num_patterns: P, summary slots cycled over heads.
+    own_window: also attend the own window's summary tokens j <= i (the
+      summary part alone); without it they belong to the local part.
+
+  Returns:
+    A `Component` with a per-head permutation.
+  """
+  n, bs, l, c = seq_len, block_size, stride, summary
+  nb = n // bs
+  tokens = np.arange(n, dtype=np.int64)
+  perms, heads_tiles = {}, {}
+  for slot in range(min(num_patterns, num_heads)):
+    first = l - c * (slot + 1)  # the slot is [first, first + c) mod l
+    in_slot = (tokens % l >= first) & (tokens % l < first + c)
+    perm = np.concatenate([tokens[in_slot], tokens[~in_slot]])  # (n,)
+    prefix = c * (perm // l)  # (n,) keys attended by kernel position p
+    if own_window:
+      prefix += np.clip(perm % l - first + 1, 0, c)
+    prefix = prefix.reshape(nb, bs)  # (nb, bs) per query block
+    full = prefix.min(axis=1) // bs  # key blocks [0, full) are full tiles
+    end = -(-prefix.max(axis=1) // bs)  # partial tiles in [full, end)
+    qb = [np.repeat(np.arange(nb), full)]
+    kb = [np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full)]
+    rows_left = np.repeat(np.arange(nb), end - full)  # (partial tiles,)
+    part_kb = np.arange(rows_left.shape[0]) - np.repeat(
+        np.cumsum(end - full) - (end - full), end - full) + full[rows_left]
+    # (partial, bs) keys of the tile attended by each query row
+    reach = np.clip(prefix[rows_left] - part_kb[:, None] * bs, 0, bs)
+    shapes, mask_of = np.unique(reach, axis=0, return_inverse=True)
+    masks = [np.arange(bs)[None, :] < row[:, None] for row in shapes]
+    qb.append(rows_left)
+    kb.append(part_kb)
+    tiles = Tiles(np.concatenate(qb), np.concatenate(kb),
+                  np.concatenate([np.full(full.sum(), -1),
+                                  mask_of.reshape(-1)]), masks)
+    perms[slot], heads_tiles[slot] = perm, tiles
+  slots = [h % num_patterns for h in range(num_heads)]
+  return _assemble(n, bs, [heads_tiles[s] for s in slots],
+                   np.stack([perms[s] for s in slots]))
 
 
 def _stride_perm(seq_len: int, stride: int) -> np.ndarray:

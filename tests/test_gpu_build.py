@@ -104,10 +104,10 @@ def test_aot_compiles_cubins_for_each_architecture(tmp_path):
     assert len(cubin) == int(size) and _cubin_sm(cubin) == int(arch)
     assert int(warps) >= 1 and 0 < int(shared) <= 163 * 1024
     assert scratch == profile == "0"
-    # Tensors and tables (pointers), scale, n, heads, two flags, and the two
-    # scratch pointers Triton appends.
+    # Tensors and tables (pointers), scale, n, heads, four flags, and the
+    # two scratch pointers Triton appends.
     pointers = 12 if name == "bsa_forward" else 13
-    assert params == ",".join(["u64"] * pointers + ["f32"] + ["u32"] * 4 +
+    assert params == ",".join(["u64"] * pointers + ["f32"] + ["u32"] * 6 +
                               ["u64"] * 2)
 
 
@@ -144,14 +144,27 @@ def test_launch_sweep_dry_runs_on_cpu(tmp_path):
     assert row["fixed0_ms"] > 0 and row["strided1_ms"] > 0
 
 
+def test_profile_dry_runs_on_cpu(tmp_path):
+  result = _dry_run("gpu_profile.py", tmp_path)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  text = (tmp_path / "gpu_profile.txt").read_text()
+  # Both passes profiled, with the kernels' autograd function in each.
+  assert "== forward:" in text and "== forward+backward:" in text
+  assert text.count("LayoutAttention") >= 2
+  assert "LayoutAttentionBackward" in text
+
+
 def test_gpu_report_renders_the_committed_runs(tmp_path):
   checks = [os.path.join(REPO, "docs", "gpu", f"gpu_check_d{d}.json")
             for d in (64, 128)]
+  previous = [os.path.join(REPO, "docs", "gpu", "d190c3f",
+                           f"gpu_check_d{d}.json") for d in (64, 128)]
   out = tmp_path / "BENCHMARKS.md"
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.gpu_attention", "--date", "then",
        "--check", *checks, "--tune",
-       os.path.join(REPO, "docs", "gpu", "gpu_tune.json"), "--out", str(out)],
+       os.path.join(REPO, "docs", "gpu", "gpu_tune.json"), "--previous",
+       *previous, "--out", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   text = out.read_text()
@@ -162,4 +175,12 @@ def test_gpu_report_renders_the_committed_runs(tmp_path):
           f"FlexAttention | {ratio:.2f}x | {'yes' if ratio >= 2 else 'no'} |"
           in text)
   assert text.count("| st_keras (Triton, C ABI) |") == 12
+  # Then and now: our fixed forward at n = 16384, head_dim 64, in both runs.
+  (then,) = [t for t in json.loads(open(previous[0]).read())["timings"]
+             if t["pattern"] == "fixed" and t["n"] == 16384]
+  (now,) = [t for t in json.loads(open(checks[0]).read())["timings"]
+            if t["pattern"] == "fixed" and t["n"] == 16384]
+  assert (f"| fixed | 16384 | 64 | {then['ours']['fwd_ms']:.3f} | "
+          f"{now['ours']['fwd_ms']:.3f} | "
+          f"{then['ours']['fwd_ms'] / now['ours']['fwd_ms']:.2f}x |" in text)
   assert (tmp_path / "docs" / "gpu_attention.png").stat().st_size > 10000

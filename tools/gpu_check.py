@@ -102,7 +102,8 @@ class CAbi:
       raise RuntimeError(f"{path}: self check failed: {error}")
 
   @staticmethod
-  def _problem(q, tables, scale, key_lengths) -> c_abi.Problem:
+  def _problem(q, tables, scale, key_lengths, original_order,
+               accumulate) -> c_abi.Problem:
     batch, heads, n, head_dim = q.shape
     ptr = lambda t: t.data_ptr() if t is not None and t.numel() else None  # pylint: disable=unnecessary-lambda-assignment
     return c_abi.Problem(
@@ -114,7 +115,8 @@ class CAbi:
         col_mask_idx=ptr(tables["col_mask_idx"]),
         masks=ptr(tables["masks"]), num_masks=tables["masks"].shape[0],
         key_lengths=ptr(key_lengths),
-        key_positions=ptr(tables["key_positions"]))
+        key_positions=ptr(tables["key_positions"]),
+        original_order=int(original_order), accumulate=int(accumulate))
 
   @staticmethod
   def _check(error: str) -> None:
@@ -126,20 +128,20 @@ class CAbi:
     return (torch.cuda.current_stream().cuda_stream
             if torch.cuda.is_available() else None)
 
-  def forward(self, q, k, v, tables, scale, key_lengths=None):
+  def forward(self, q, k, v, tables, scale, key_lengths=None,
+              original_order=False, results=None):
     q, k, v = (x.contiguous() for x in (q, k, v))
-    batch, heads, n, _ = q.shape
-    out = torch.empty_like(q)  # (B, H, n, D)
-    lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch, heads, n, 2, dtype=torch.float32,
-                        device=q.device)
+    accumulate = results is not None
+    if results is None:
+      results = launch.empty_results(q)
     self._check(self.lib.forward(
-        self._problem(q, tables, scale, key_lengths),
-        *(x.data_ptr() for x in (q, k, v, out, lse, stats)), self._stream()))
-    return out, lse, stats
+        self._problem(q, tables, scale, key_lengths, original_order,
+                      accumulate),
+        *(x.data_ptr() for x in (q, k, v, *results)), self._stream()))
+    return results
 
   def backward(self, q, k, v, out, stats, dout, dlse, tables, scale,
-               key_lengths=None):
+               key_lengths=None, original_order=False, grads=None):
     batch, heads, n, _ = q.shape
     if dlse is None:
       dlse = torch.zeros(batch, heads, n, dtype=torch.float32,
@@ -148,12 +150,15 @@ class CAbi:
     dlse, stats = dlse.float().contiguous(), stats.contiguous()
     delta = torch.empty(batch, heads, n, dtype=torch.float32,
                         device=q.device)
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    accumulate = grads is not None
+    if grads is None:
+      grads = tuple(torch.empty_like(q) for _ in range(3))
     self._check(self.lib.backward(
-        self._problem(q, tables, scale, key_lengths),
-        *(x.data_ptr() for x in (q, k, v, out, stats, dout, dlse, delta, dq,
-                                 dk, dv)), self._stream()))
-    return dq, dk, dv
+        self._problem(q, tables, scale, key_lengths, original_order,
+                      accumulate),
+        *(x.data_ptr() for x in (q, k, v, out, stats, dout, dlse, delta,
+                                 *grads)), self._stream()))
+    return grads
 
 
 def dry_run_c_abi() -> str:

@@ -1,7 +1,9 @@
 """Launch-setting sweep of the Triton kernels on a GPU: each tile kernel
 alone, per (num_warps, num_stages) and block size, on the fixed and strided
-patterns, with the compiler's register and spill counts. Its table is what
-custom_ops/triton/kernels.py's LAUNCH settings are chosen from.
+patterns, with the compiler's register and spill counts; then the
+whole-layout forward (components merged in the kernels) per forward setting,
+at n and 4n. Its tables are what custom_ops/triton/kernels.py's LAUNCH
+settings are chosen from.
 
     python3 tools/gpu_tune.py --out DIR         # a GPU machine, no TensorFlow
     GPU_CHECK_DRY_RUN=1 python3 tools/gpu_tune.py --out DIR   # CPU, tiny
@@ -52,8 +54,9 @@ def launcher(name, x, block, head_dim, warps, stages):
   t = x["tables"]
   n, heads = x["q"].shape[2], x["q"].shape[1]
   grid = (n // block, x["q"].shape[0] * heads)
+  # No key lengths; kernel order, no accumulation (one component alone).
   flags = (head_dim ** -0.5, n, heads, 0,
-           int(t["key_positions"].numel() > 0))
+           int(t["key_positions"].numel() > 0), 0, 0)
   common = dict(BLOCK=block, HEAD_DIM=head_dim, num_warps=warps,
                 num_stages=stages)
   if name == "bsa_forward":
@@ -75,10 +78,48 @@ def launcher(name, x, block, head_dim, warps, stages):
   return lambda: kernel[grid](*args, *flags, **common, **options)
 
 
+def layout_forward_rows(layouts, n_values, block, batch, heads, head_dim,
+                        dtype, device, variants, deadline) -> list:
+  """The whole-layout forward (launch.attention: components merged in the
+  kernels, original order) per bsa_forward (num_warps, num_stages): its
+  per-tile loads go through the permutation, which may want more stages
+  than the kernel-order sweep above shows."""
+  key = (block, head_dim, launch.DTYPES[dtype])
+  saved = dict(kernels.LAUNCH["bsa_forward"][key])
+  rows = []
+  try:
+    for warps, stages in variants:
+      row = {"kernel": "layout_forward", "block": block, "num_warps": warps,
+             "num_stages": stages}
+      kernels.LAUNCH["bsa_forward"][key] = dict(saved, num_warps=warps,
+                                                num_stages=stages)
+      for n in n_values:
+        if time.monotonic() > deadline:
+          break
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device,
+                               dtype=dtype) for _ in range(3))
+        for pattern, lay in (
+            ("fixed", layouts.fixed(n, block, 128, 32, heads)),
+            ("strided", layouts.strided(n, block, 128, heads))):
+          fn = lambda lay=lay: launch.attention(q, k, v, lay)  # pylint: disable=unnecessary-lambda-assignment
+          with torch.no_grad():
+            fn()
+            row[f"{pattern}_n{n}_ms"] = gpu_check.bench(fn, device)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  finally:
+    kernels.LAUNCH["bsa_forward"][key] = saved
+  return rows
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=os.environ.get("OUT", "gpu_tune_out"))
-  parser.add_argument("--minutes", type=float, default=4.0)
+  parser.add_argument("--minutes", type=float, default=4.0,
+                      help="stop starting kernel rows after this long (the "
+                           "layout rows get 1.5 minutes more)")
+  parser.add_argument("--blocks", default="64,128,32",
+                      help="block sizes swept, comma-separated")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   dry = gpu_check.DRY_RUN
@@ -89,7 +130,8 @@ def main(argv=None) -> int:
     blocks, variants = (32,), {k: v[:1] for k, v in VARIANTS.items()}
   else:
     n, batch, heads, head_dim, dtype = 16384, 2, 16, 64, torch.bfloat16
-    blocks, variants = (64, 128, 32), VARIANTS
+    blocks = tuple(int(b) for b in args.blocks.split(","))
+    variants = VARIANTS
   layouts = gpu_check.layouts
   rows = []
   for block in blocks:
@@ -117,11 +159,15 @@ def main(argv=None) -> int:
           row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
+  layout_n = (128,) if dry else (n, 4 * n)
+  layout_rows = layout_forward_rows(
+      layouts, layout_n, blocks[0], batch, heads, head_dim, dtype, device,
+      variants["bsa_forward"], start + 60 * (args.minutes + 1.5))
   with open(os.path.join(args.out, "gpu_tune.json"), "w") as f:
     json.dump({"n": n, "batch": batch, "heads": heads, "head_dim": head_dim,
                "dtype": str(dtype), "device": torch.cuda.get_device_name()
                if not dry else "cpu", "triton": triton.__version__,
-               "rows": rows}, f, indent=1)
+               "rows": rows, "layout_rows": layout_rows}, f, indent=1)
   print("kernel              block warps stages   fixed ms  strided ms  "
         "regs spills")
   for r in rows:
@@ -130,6 +176,10 @@ def main(argv=None) -> int:
     print(f"{r['kernel']:20s} {r['block']:4d} {r['num_warps']:5d} "
           f"{r['num_stages']:6d} {fixed:10.3f} {strided:11.3f} "
           f"{r.get('regs')} {r.get('spills')} {r.get('error', '')[:60]}")
+  for r in layout_rows:
+    print(f"{r['kernel']:20s} {r['block']:4d} {r['num_warps']:5d} "
+          f"{r['num_stages']:6d} " + " ".join(
+              f"{k[:-3]} {v:.3f}" for k, v in r.items() if k.endswith("_ms")))
   return 0
 
 

@@ -40,7 +40,7 @@ PARAM_TYPES = {
     "RowIdx": "*i32", "ColMaskIdx": "*i32", "KeyLengths": "*i32",
     "KeyPositions": "*i32", "Masks": "*u8", "scale": "fp32", "n": "i32",
     "num_heads": "i32", "has_key_lengths": "i32", "has_key_positions": "i32",
-    "rows": "i32",
+    "original_order": "i32", "accumulate": "i32", "rows": "i32",
 }
 TENSORS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
 # Arguments the launcher guarantees to be multiples of 16 (pointers: 16-byte
@@ -129,14 +129,15 @@ def compile_one(kernels_path: str, spec: Spec) -> dict:
   fn = getattr(kernels, spec.kernel)
   signature, constexprs, attrs = _signature(fn, spec)
   options = launch_options(kernels, spec)
-  # Exact scores: no fused multiply-add may skip the rounding of s = scale
-  # * q.k before the softmax subtracts the row max (as in the CPU kernel).
-  options["enable_fp_fusion"] = False
   compiled = triton.compile(
       ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                 attrs=attrs),
       target=GPUTarget("cuda", spec.arch, 32), options=options)
   meta = compiled.metadata
+  if spec.kernel in TILE_KERNELS and not re.search(r"\bmul\.rn(\.ftz)?\.f32",
+                                                   compiled.asm["ptx"]):
+    raise RuntimeError(f"{spec}: no mul.rn.f32 in the PTX: the scores' "
+                       f"rounding (kernels._scores) was lost")
   return {
       "spec": spec, "entry": meta.name, "cubin": compiled.asm["cubin"],
       "num_warps": meta.num_warps, "shared": meta.shared,
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
   # Triton caches what it compiles; a private cache keeps builds apart.
   with tempfile.TemporaryDirectory() as cache:
     os.environ["TRITON_CACHE_DIR"] = cache
+    # LAUNCH asks for fusion itself; this only silences Triton 3.9's warning
+    # that its default will change.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
       results = list(pool.map(compile_one, [kernels_path] * len(todo), todo))
   with open(args.out, "w") as f:

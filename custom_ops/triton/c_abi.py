@@ -19,7 +19,8 @@ _ERROR_BYTES = 4096
 
 class Problem(ctypes.Structure):
   """st_bsa_gpu_problem: the shape, dtype, scale and layout tables (device
-  addresses, 0 or None for an absent table)."""
+  addresses, 0 or None for an absent table), and how the tensors are
+  addressed (original_order, accumulate: see the header)."""
   _fields_ = ([(name, ctypes.c_int64)
                for name in ("batch", "heads", "seq_len", "head_dim")] +
               [("block_size", ctypes.c_int32), ("dtype", ctypes.c_int32),
@@ -28,7 +29,9 @@ class Problem(ctypes.Structure):
                for name in ("row_ptr", "col_idx", "mask_idx", "col_ptr",
                             "row_idx", "col_mask_idx", "masks")] +
               [("num_masks", ctypes.c_int64), ("key_lengths", ctypes.c_void_p),
-               ("key_positions", ctypes.c_void_p)])
+               ("key_positions", ctypes.c_void_p),
+               ("original_order", ctypes.c_int32),
+               ("accumulate", ctypes.c_int32)])
 
 
 class Library:

@@ -18,6 +18,14 @@ of row_idx (query block) and col_mask_idx. Keys whose original position
 (key_positions[h, p] when has_key_positions, else p) is >= key_lengths[b]
 are masked when has_key_lengths.
 
+Two flags merge a layout's components in the kernels (launch.attention):
+with original_order (needs has_key_positions) the tensors are in original
+token order and kernel position p of head h lives at row key_positions[h, p]
+(no permuted copies); with accumulate the forward continues the online
+softmax from Out and Stats (a previous component's rows, out = acc / l
+rescaled by l), and the backward kernels add to DQ, DK, DV. Without them a
+program reads and writes one component in kernel order, as the op does.
+
 Semantics (those of the CPU op `SparseTransformer>BlockSparseAttention`):
 scores s = scale * (q . k), the dot product accumulated in float32 and scaled
 once; online softmax in float32 with m = max score and l = sum exp(s - m) per
@@ -47,8 +55,11 @@ non-finite v[j] reaches every row of the tiles holding key j, where the CPU op
 confines it to the rows that attend j).
 """
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Block sizes (BLOCK), head dims (HEAD_DIM) and element types (Triton's
 # names) the kernels are written for; the GPU build compiles GPU_BLOCK_SIZES x
@@ -102,7 +113,7 @@ def _launch_table(kernel):
         options = _FP32_OPTIONS if t == "fp32" else _HALF_OPTIONS
         warps, stages = options[kernel][bs]
         table[(bs, d, t)] = dict(num_warps=warps, num_stages=stages,
-                                 maxnreg=255)
+                                 maxnreg=255, enable_fp_fusion=True)
   return table
 
 
@@ -111,6 +122,8 @@ def _launch_table(kernel):
 # kernels (a missing key is a specialisation that does not fit) and
 # LAUNCH["bsa_backward_delta"][(HEAD_DIM, dtype)]. maxnreg=255: without it,
 # ptxas gives some sm_80 kernels 32 registers and kilobytes of spills.
+# enable_fp_fusion=True (Triton 3.10 turns it off by default): the softmax's
+# products fuse with their additions; _scores keeps the scores' rounding.
 LAUNCH = {kernel: _launch_table(kernel) for kernel in _HALF_OPTIONS}
 LAUNCH["bsa_backward_delta"] = {
     (d, t): dict(num_warps=4, num_stages=1) for d in HEAD_DIMS for t in DTYPES
@@ -126,46 +139,74 @@ def _dot(a, b, acc):
     return tl.dot(a, b, acc)
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+  # The interpreter computes in numpy float32: a product is rounded as it is,
+  # never fused with the next addition (and it has no libdevice).
+  @triton.jit
+  def _scores(a, b, scale):
+    """scale * (a @ b), the dot product in float32, rounded once."""
+    return _dot(a, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32)) * scale
+else:
+  @triton.jit
+  def _scores(a, b, scale):
+    """scale * (a @ b), the dot product in float32, rounded once.
+
+    mul.rn is never contracted into a fused multiply-add: the softmax's
+    s - m then starts from the rounded score (exponent exactly <= 0 at the
+    row max, for any scale), while every other product may fuse.
+    """
+    return libdevice.mul_rn(
+        _dot(a, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32)), scale)
+
+
 @triton.jit
-def _keys_valid(KeyPositions, key_length, h, key_block, n,
-                has_key_positions, BLOCK: tl.constexpr):
-  """Returns bool [BLOCK]: the block's keys whose original position < length.
+def _block_rows(KeyPositions, h, block, n, has_key_positions, original_order,
+                BLOCK: tl.constexpr):
+  """Original positions and memory rows of one block of kernel positions.
 
   Args:
     KeyPositions: *i32 [H, n], original position of each kernel position.
-    key_length: i32, keys at original positions >= it are masked.
     h: head.
-    key_block: kernel key block.
+    block: kernel block.
     n: sequence length.
     has_key_positions: whether KeyPositions is given (else the identity).
+    original_order: whether the tensors are in original order (row
+      KeyPositions[h, p] holds kernel position p) rather than kernel order.
     BLOCK: tile width.
 
   Returns:
-    bool [BLOCK].
+    (positions, rows), i32 [BLOCK] each.
   """
-  pos = key_block * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) kernel positions
+  rows = block * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) kernel positions
+  positions = rows
   if has_key_positions != 0:
-    pos = tl.load(KeyPositions + h.to(tl.int64) * n + pos)
-  return pos < key_length
+    positions = tl.load(KeyPositions + h.to(tl.int64) * n + rows)
+    if original_order != 0:
+      rows = positions
+  return positions, rows
 
 
 @triton.jit
 def bsa_forward(Q, K, V, Out, Lse, Stats,
                 RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
                 scale, n, num_heads, has_key_lengths, has_key_positions,
+                original_order, accumulate,
                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """Online-softmax attention of one query block of one (batch, head).
 
-  Grid (n // BLOCK, B * num_heads); program (r, bh) computes query block r of
-  (b, h) = divmod(bh, num_heads) and writes its rows of Out, Lse and Stats.
+  Grid (n // BLOCK, B * num_heads); program (i, bh) computes query block
+  r = n // BLOCK - 1 - i of (b, h) = divmod(bh, num_heads) and writes its
+  rows of Out, Lse and Stats. Late query blocks of causal layouts hold the
+  most tiles: they start first, and the short ones fill the tail. With
+  `accumulate`, the softmax continues from Out and Stats (a previous
+  component's result over the same rows), merging the two components.
   """
-  r = tl.program_id(0)
+  r = tl.num_programs(0) - 1 - tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // num_heads
   h = bh % num_heads
   nb = n // BLOCK
   offs_m = tl.arange(0, BLOCK)
-  offs_n = tl.arange(0, BLOCK)
   offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
@@ -174,7 +215,9 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   Out += head * HEAD_DIM
   Lse += head
   Stats += 2 * head
-  rows = r * BLOCK + offs_m  # (BLOCK,) query positions in the head
+  _, rows = _block_rows(KeyPositions, h, r, n,
+                        has_key_positions, original_order,
+                        BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
   key_length = n
   if has_key_lengths != 0:
@@ -183,25 +226,27 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   m_i = tl.full([BLOCK], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK], tl.float32)
   acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+  if accumulate != 0:  # (m, log l) and out = acc / l of the earlier parts
+    m_i = tl.load(Stats + 2 * rows)
+    l_i = tl.exp(tl.load(Stats + 2 * rows + 1))
+    acc = tl.load(Out + rows[:, None] * HEAD_DIM + offs_d[None, :]).to(
+        tl.float32) * l_i[:, None]
   start = tl.load(RowPtr + h * nb + r)
   end = tl.load(RowPtr + h * nb + r + 1)
   for t in range(start, end):
     key_block = tl.load(ColIdx + t)
-    keys = key_block * BLOCK + offs_n  # (BLOCK,) key positions in the head
+    positions, keys = _block_rows(KeyPositions, h, key_block, n,
+                                  has_key_positions,
+                                  original_order, BLOCK)
     k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    valid = offs_n < BLOCK  # (BLOCK,) keys within the key length
-    if has_key_lengths != 0:
-      valid = _keys_valid(KeyPositions, key_length, h, key_block, n,
-                          has_key_positions, BLOCK)
-    allowed = (offs_m < BLOCK)[:, None] & valid[None, :]  # (BLOCK, BLOCK)
+    allowed = (offs_m < BLOCK)[:, None] & (positions < key_length)[None, :]
     mask_id = tl.load(MaskIdx + t)
     if mask_id >= 0:
       tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[:, None] * BLOCK + offs_n[None, :])
-      allowed = allowed & (tile != 0)
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
-    s = tl.where(allowed, s, float("-inf"))  # (BLOCK, BLOCK) [query, key]
+                     offs_m[:, None] * BLOCK + offs_m[None, :])
+      allowed = allowed & (tile != 0)  # (BLOCK, BLOCK) [query, key]
+    s = tl.where(allowed, _scores(q, tl.trans(k), scale), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK,)
     # Rows that attended nothing yet keep m = -inf; shift them by 0 so that
     # exp gives 0 for their -inf scores and NaN for a NaN score.
@@ -244,12 +289,13 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
                       ColPtr, RowIdx, ColMaskIdx, Masks, KeyLengths,
                       KeyPositions,
                       scale, n, num_heads, has_key_lengths, has_key_positions,
+                      original_order, accumulate,
                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """dK and dV of one key block of one (batch, head), by the column table.
 
   Grid (n // BLOCK, B * num_heads); program (c, bh) writes the rows of key
-  block c. Works on transposed tiles [key, query], so that dV += P^T dO and
-  dK += dS^T Q need no transpose of P or dS.
+  block c (adds to them with `accumulate`). Works on transposed tiles [key,
+  query], so that dV += P^T dO and dK += dS^T Q need no transpose of P or dS.
   """
   c = tl.program_id(0)
   bh = tl.program_id(1)
@@ -257,7 +303,6 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   h = bh % num_heads
   nb = n // BLOCK
   offs_m = tl.arange(0, BLOCK)
-  offs_n = tl.arange(0, BLOCK)
   offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
@@ -268,20 +313,24 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   DV += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  keys = c * BLOCK + offs_n  # (BLOCK,) key positions in the head
+  positions, keys = _block_rows(KeyPositions, h, c, n,
+                                has_key_positions, original_order,
+                                BLOCK)  # (BLOCK,) key rows
   k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
   v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-  valid = offs_n < BLOCK  # (BLOCK,) keys within the key length
+  key_length = n
   if has_key_lengths != 0:
-    valid = _keys_valid(KeyPositions, tl.load(KeyLengths + b), h, c, n,
-                        has_key_positions, BLOCK)
+    key_length = tl.load(KeyLengths + b)
+  valid = positions < key_length  # (BLOCK,) keys within the key length
 
   dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   start = tl.load(ColPtr + h * nb + c)
   end = tl.load(ColPtr + h * nb + c + 1)
   for t in range(start, end):
-    rows = tl.load(RowIdx + t) * BLOCK + offs_m  # (BLOCK,) query positions
+    _, rows = _block_rows(KeyPositions, h, tl.load(RowIdx + t), n,
+                          has_key_positions, original_order,
+                          BLOCK)
     q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
     m = tl.load(Stats + 2 * rows)  # (BLOCK,) per query
@@ -292,9 +341,9 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
     mask_id = tl.load(ColMaskIdx + t)
     if mask_id >= 0:  # the tile's mask, read transposed: [key, query]
       tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[None, :] * BLOCK + offs_n[:, None])
+                     offs_m[None, :] * BLOCK + offs_m[:, None])
       allowed = allowed & (tile != 0)
-    s_t = _dot(k, tl.trans(q), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
+    s_t = _scores(k, tl.trans(q), scale)  # (BLOCK, BLOCK) [key, query]
     p_t = tl.where(allowed,
                    tl.exp((s_t - m[None, :]) - log_l[None, :]), 0.0)
     dv = _dot(p_t.to(dout.dtype), dout, dv)  # (BLOCK, D)
@@ -302,29 +351,32 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
     ds_t = tl.where(allowed, p_t * (dp_t - delta[None, :]) * scale, 0.0)
     dk = _dot(ds_t.to(q.dtype), q, dk)  # (BLOCK, D)
 
-  tl.store(DK + keys[:, None] * HEAD_DIM + offs_d[None, :],
-           dk.to(DK.dtype.element_ty))
-  tl.store(DV + keys[:, None] * HEAD_DIM + offs_d[None, :],
-           dv.to(DV.dtype.element_ty))
+  offsets = keys[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK, D)
+  if accumulate != 0:
+    dk += tl.load(DK + offsets).to(tl.float32)
+    dv += tl.load(DV + offsets).to(tl.float32)
+  tl.store(DK + offsets, dk.to(DK.dtype.element_ty))
+  tl.store(DV + offsets, dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
 def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
                     RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
                     scale, n, num_heads, has_key_lengths, has_key_positions,
+                    original_order, accumulate,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """dQ of one query block of one (batch, head), by the row table.
 
-  Grid (n // BLOCK, B * num_heads); program (r, bh) writes the rows of query
-  block r.
+  Grid (n // BLOCK, B * num_heads); program (i, bh) writes the rows of query
+  block r = n // BLOCK - 1 - i (the longest rows of causal layouts first),
+  or adds to them with `accumulate`.
   """
-  r = tl.program_id(0)
+  r = tl.num_programs(0) - 1 - tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // num_heads
   h = bh % num_heads
   nb = n // BLOCK
   offs_m = tl.arange(0, BLOCK)
-  offs_n = tl.arange(0, BLOCK)
   offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
@@ -334,7 +386,9 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   DQ += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  rows = r * BLOCK + offs_m  # (BLOCK,) query positions in the head
+  _, rows = _block_rows(KeyPositions, h, r, n,
+                        has_key_positions, original_order,
+                        BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
   dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
   m = tl.load(Stats + 2 * rows)  # (BLOCK,)
@@ -349,25 +403,24 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   start = tl.load(RowPtr + h * nb + r)
   end = tl.load(RowPtr + h * nb + r + 1)
   for t in range(start, end):
-    key_block = tl.load(ColIdx + t)
-    keys = key_block * BLOCK + offs_n  # (BLOCK,) key positions in the head
+    positions, keys = _block_rows(KeyPositions, h, tl.load(ColIdx + t), n,
+                                  has_key_positions,
+                                  original_order, BLOCK)
     k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    valid = offs_n < BLOCK
-    if has_key_lengths != 0:
-      valid = _keys_valid(KeyPositions, key_length, h, key_block, n,
-                          has_key_positions, BLOCK)
-    allowed = attends[:, None] & valid[None, :]  # (BLOCK, BLOCK)
+    allowed = attends[:, None] & (positions < key_length)[None, :]
     mask_id = tl.load(MaskIdx + t)
     if mask_id >= 0:
       tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[:, None] * BLOCK + offs_n[None, :])
-      allowed = allowed & (tile != 0)
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK, BLOCK], tl.float32)) * scale
+                     offs_m[:, None] * BLOCK + offs_m[None, :])
+      allowed = allowed & (tile != 0)  # (BLOCK, BLOCK) [query, key]
+    s = _scores(q, tl.trans(k), scale)
     p = tl.where(allowed, tl.exp((s - m[:, None]) - log_l[:, None]), 0.0)
     dp = _dot(dout, tl.trans(v), tl.zeros([BLOCK, BLOCK], tl.float32))
     ds = tl.where(allowed, p * (dp - delta[:, None]) * scale, 0.0)
     dq = _dot(ds.to(k.dtype), k, dq)  # (BLOCK, D)
 
-  tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :],
-           dq.to(DQ.dtype.element_ty))
+  offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK, D)
+  if accumulate != 0:
+    dq += tl.load(DQ + offsets).to(tl.float32)
+  tl.store(DQ + offsets, dq.to(DQ.dtype.element_ty))

@@ -11,10 +11,12 @@ caller, so it runs the kernels on a GPU machine that has only PyTorch:
   out, lse, stats = forward(q, k, v, tables, scale)
   out = attention(q, k, v, layout)  # whole layout, differentiable
 
-`attention` computes what `st_keras.ops.block_sparse_attention` computes:
-per component, q, k and v permuted into the component's kernel order, the
-kernels, the results permuted back, and the components merged by
-log-sum-exp as `st_keras.ops._merge_components` does.
+`attention` computes what `st_keras.ops.block_sparse_attention` computes,
+with the components merged inside the kernels: they address q, k, v and the
+results in original order through each component's permutation, and each
+component continues the previous one's online softmax (`LayoutAttention`).
+The TensorFlow op runs one component in its kernel order, with the
+permutation and the merge done in TensorFlow.
 """
 
 import math
@@ -171,18 +173,51 @@ def _geometry(q, k, v, tables, key_lengths):
   return batch, heads, n, head_dim, block, key_lengths.contiguous()
 
 
-def forward(q, k, v, tables: dict, scale: float, key_lengths=None):
-  """Attention over one component (kernel order): launches bsa_forward.
+def _check_results(name: str, tensors, shapes, device) -> None:
+  """Raises ValueError unless tensors have `shapes` on `device`."""
+  for x, shape in zip(tensors, shapes):
+    if (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or
+        x.device != device or not x.is_contiguous()):
+      raise ValueError(f"{name} must be contiguous tensors of shapes "
+                       f"{shapes} on {device}, got "
+                       f"{[tuple(getattr(t, 'shape', ())) for t in tensors]}")
+
+
+def empty_results(q):
+  """Uninitialised (out, lse, stats) for a forward over q [B, H, n, D]."""
+  batch, heads, n, _ = q.shape
+  return (torch.empty_like(q),  # (B, H, n, D)
+          torch.empty(batch, heads, n, dtype=torch.float32, device=q.device),
+          torch.empty(batch, heads, n, 2, dtype=torch.float32,
+                      device=q.device))
+
+
+def _io_flags(tables: dict, original_order: bool, accumulate: bool):
+  """(original_order, accumulate) as kernel flags; checks the permutation."""
+  if original_order and tables["key_positions"].numel() == 0:
+    raise ValueError("original_order needs the component's permutation "
+                     "(tables['key_positions'] is empty)")
+  return int(original_order), int(accumulate)
+
+
+def forward(q, k, v, tables: dict, scale: float, key_lengths=None,
+            original_order: bool = False, results=None):
+  """Attention over one component: launches bsa_forward.
 
   Args:
     q: [B, H, n, D] float16, bfloat16 or float32, contiguous, in the
-      component's kernel order.
+      component's kernel order (or original order: `original_order`).
     k: keys, like q.
     v: values, like q.
     tables: `component_tables` of the component, on q's device.
     scale: positive score scale.
     key_lengths: optional int32 [B]: keys at original positions >=
       key_lengths[b] are masked for example b.
+    original_order: q, k, v and the results are in original token order,
+      addressed through the component's permutation.
+    results: None, or (out, lse, stats) of earlier components of the layout
+      over the same rows and order: the softmax continues from them, in
+      place, so the result is attention over all of them.
 
   Returns:
     (out [B, H, n, D] q.dtype, lse [B, H, n] float32, stats [B, H, n, 2]
@@ -191,37 +226,43 @@ def forward(q, k, v, tables: dict, scale: float, key_lengths=None):
   """
   batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
                                                         key_lengths)
-  out = torch.empty_like(q)  # (B, H, n, D)
-  lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
-  stats = torch.empty(batch, heads, n, 2, dtype=torch.float32,
-                      device=q.device)
+  flags = _io_flags(tables, original_order, results is not None)
+  if results is None:
+    results = empty_results(q)
+  else:
+    _check_results("results", results, (tuple(q.shape), (batch, heads, n),
+                                        (batch, heads, n, 2)), q.device)
+  out, lse, stats = results
   grid = (n // block, batch * heads)
   kernels.bsa_forward[grid](
       q, k, v, out, lse, stats,
       tables["row_ptr"], tables["col_idx"], tables["mask_idx"],
       tables["masks"], lengths, tables["key_positions"],
       float(scale), n, heads, int(key_lengths is not None),
-      int(tables["key_positions"].numel() > 0),
+      int(tables["key_positions"].numel() > 0), *flags,
       BLOCK=block, HEAD_DIM=head_dim,
       **_options("bsa_forward", (block, head_dim, DTYPES[q.dtype])))
   return out, lse, stats
 
 
 def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
-             key_lengths=None):
+             key_lengths=None, original_order: bool = False, grads=None):
   """Gradients of one component: launches the delta, dK/dV and dQ kernels.
 
   Args:
     q: [B, H, n, D] as given to `forward`.
     k: keys, like q.
     v: values, like q.
-    out: [B, H, n, D] the forward's output.
-    stats: [B, H, n, 2] float32, the forward's stats.
+    out: [B, H, n, D] the forward's output (of the whole layout when the
+      forward merged components).
+    stats: [B, H, n, 2] float32, the forward's stats (likewise).
     dout: [B, H, n, D] upstream gradient of out (any float dtype).
     dlse: [B, H, n] upstream gradient of lse, or None for zeros.
     tables: `component_tables` of the component.
     scale: the forward's scale.
     key_lengths: the forward's key_lengths.
+    original_order: as in `forward`.
+    grads: None, or (dq, dk, dv) of earlier components, added to in place.
 
   Returns:
     (dq, dk, dv), each [B, H, n, D] in q's dtype.
@@ -241,6 +282,11 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
   if tuple(dlse.shape) != (batch, heads, n):
     raise ValueError(f"dlse must have shape {(batch, heads, n)}, got "
                      f"{tuple(dlse.shape)}")
+  flags = _io_flags(tables, original_order, grads is not None)
+  if grads is None:
+    grads = tuple(torch.empty_like(q) for _ in range(3))  # (B, H, n, D)
+  else:
+    _check_results("grads", grads, (shape4,) * 3, q.device)
   out = out.to(q.dtype).contiguous()
   dout = dout.to(q.dtype).contiguous()
   dlse = dlse.to(torch.float32).contiguous()
@@ -251,106 +297,79 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
       out, dout, dlse, delta, rows, HEAD_DIM=head_dim,
       ROWS=kernels.DELTA_ROWS,
       **_options("bsa_backward_delta", (head_dim, DTYPES[q.dtype])))
-  dq, dk, dv = (torch.empty_like(q) for _ in range(3))  # (B, H, n, D)
+  dq, dk, dv = grads
   grid = (n // block, batch * heads)
-  flags = (float(scale), n, heads, int(key_lengths is not None),
-           int(tables["key_positions"].numel() > 0))
+  args = (float(scale), n, heads, int(key_lengths is not None),
+          int(tables["key_positions"].numel() > 0), *flags)
   kernels.bsa_backward_dkdv[grid](
       q, k, v, dout, stats, delta, dk, dv,
       tables["col_ptr"], tables["row_idx"], tables["col_mask_idx"],
-      tables["masks"], lengths, tables["key_positions"], *flags,
+      tables["masks"], lengths, tables["key_positions"], *args,
       BLOCK=block, HEAD_DIM=head_dim,
       **_options("bsa_backward_dkdv", (block, head_dim, DTYPES[q.dtype])))
   kernels.bsa_backward_dq[grid](
       q, k, v, dout, stats, delta, dq,
       tables["row_ptr"], tables["col_idx"], tables["mask_idx"],
-      tables["masks"], lengths, tables["key_positions"], *flags,
+      tables["masks"], lengths, tables["key_positions"], *args,
       BLOCK=block, HEAD_DIM=head_dim,
       **_options("bsa_backward_dq", (block, head_dim, DTYPES[q.dtype])))
   return dq, dk, dv
 
 
-class ComponentAttention(torch.autograd.Function):
-  """Differentiable attention over one component (kernel order).
+class LayoutAttention(torch.autograd.Function):
+  """Differentiable attention over every component of a layout.
 
-  apply(q, k, v, tables, scale, key_lengths, backend) -> (out, lse, stats);
-  stats (m, log l) is not differentiable and feeds the merge of components.
-  backend has this module's `forward` and `backward` (the kernels launched
-  from Python) or the same functions over another launcher.
+  apply(q, k, v, components, scale, key_lengths, backend) -> out, with q, k,
+  v in original order and `components` the `component_tables` of each. The
+  kernels read and write original order (through each permuted component's
+  permutation) and merge the components: the forward continues one online
+  softmax component after component, the backward adds each component's
+  gradients, with the merged stats and delta. No permuted copies, no merge
+  pass. backend has this module's `forward` and `backward` (the kernels
+  launched from Python) or the same functions over another launcher.
   """
 
   @staticmethod
-  def forward(ctx, q, k, v, tables, scale, key_lengths, backend):  # pylint: disable=arguments-differ
-    out, lse, stats = backend.forward(q, k, v, tables, scale, key_lengths)
+  def forward(ctx, q, k, v, components, scale, key_lengths, backend):  # pylint: disable=arguments-differ
+    results = None
+    for tables in components:
+      results = backend.forward(
+          q, k, v, tables, scale, key_lengths,
+          original_order=tables["key_positions"].numel() > 0,
+          results=results)
+    out, _, stats = results
     ctx.save_for_backward(q, k, v, out, stats)
-    ctx.tables, ctx.scale, ctx.key_lengths = tables, scale, key_lengths
+    ctx.components, ctx.scale, ctx.key_lengths = components, scale, key_lengths
     ctx.backend = backend
-    ctx.mark_non_differentiable(stats)
-    return out, lse, stats
+    return out
 
   @staticmethod
-  def backward(ctx, dout, dlse, unused_dstats):  # pylint: disable=arguments-differ
+  def backward(ctx, dout):  # pylint: disable=arguments-differ
     q, k, v, out, stats = ctx.saved_tensors
-    dq, dk, dv = ctx.backend.backward(q, k, v, out, stats, dout, dlse,
-                                      ctx.tables, ctx.scale, ctx.key_lengths)
-    return dq, dk, dv, None, None, None, None
+    grads = None
+    for tables in ctx.components:
+      grads = ctx.backend.backward(
+          q, k, v, out, stats, dout, None, tables, ctx.scale,
+          ctx.key_lengths,
+          original_order=tables["key_positions"].numel() > 0, grads=grads)
+    return grads + (None,) * 4
 
 
-def _permute(x, index):
-  """Gathers axis 2 of x [B, H, n, ...] by index [H, n] (per head)."""
-  index = index.view((1,) + tuple(index.shape) + (1,) * (x.dim() - 3))
-  return torch.gather(x, 2, index.expand(x.shape)).contiguous()
-
-
-def _merge_components(outs, lses, stats, dtype):
-  """Log-sum-exp merge of token-disjoint parts, as st_keras.ops does.
-
-  Each part's weight is exp((m - top) + log l) normalised, top the largest
-  m, with the gradient of lse - top.
-
-  Args:
-    outs: per part, [B, H, n, D].
-    lses: per part, [B, H, n] float32.
-    stats: per part, [B, H, n, 2] float32 (m, log l), no gradient.
-    dtype: the result's dtype.
-
-  Returns:
-    [B, H, n, D] attention over the union of the parts' keys.
-  """
-  lse = torch.stack(lses)  # (C, B, H, n)
-  row_max, log_sum = torch.stack(stats).unbind(-1)  # (C, B, H, n)
-  top = row_max.max(dim=0).values
-  top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-  exponent = (row_max - top) + log_sum + torch.where(
-      torch.isfinite(lse), lse - lse.detach(), torch.zeros_like(lse))
-  weights = torch.exp(exponent)  # (C, B, H, n); 0 where a part had no key
-  total = weights.sum(dim=0)
-  weights = weights / torch.where(total != 0, total, torch.ones_like(total))
-  out = sum(o.float() * w[..., None] for o, w in zip(outs, weights.unbind(0)))
-  return out.to(dtype)
-
-
-def _cached_tables(layout, index: int, device) -> dict:
-  """`component_tables` of component `index`, cached on the layout.
+def _cached_tables(layout, device) -> list:
+  """`component_tables` of every component of `layout`, cached on it.
 
   Args:
     layout: an `st_keras.layouts.Layout`.
-    index: which component.
     device: torch device.
 
   Returns:
-    The tables, plus int64 "perm" and "inverse_perm" [H, n] when the
-    component has a permutation.
+    A list of the components' tables.
   """
   cache = layout.__dict__.setdefault("_st_keras_torch_tables", {})
-  key = (index, str(device))
+  key = str(device)
   if key not in cache:
-    comp = layout.components[index]
-    tables = component_tables(comp, layout.num_blocks, device)
-    if comp.perm is not None:
-      tables["perm"] = tables["key_positions"].long()
-      tables["inverse_perm"] = torch.argsort(tables["perm"], dim=1)
-    cache[key] = tables
+    cache[key] = [component_tables(comp, layout.num_blocks, device)
+                  for comp in layout.components]
   return cache[key]
 
 
@@ -367,8 +386,9 @@ def attention(q, k, v, layout, scale: Optional[float] = None,
     key_lengths: optional int32 [B] tensor: keys at positions >=
       key_lengths[b] are masked for example b.
     backend: what runs one component: an object with this module's
-      `forward` and `backward` functions (None: this module, the Triton
-      kernels launched from Python; tools/gpu_check.py passes the C ABI's).
+      `forward` and `backward` functions and their `original_order`,
+      `results` and `grads` arguments (None: this module, the Triton kernels
+      launched from Python; tools/gpu_check.py passes the C ABI's).
 
   Returns:
     [B, H, n, D] in q's dtype; a query with no allowed key gets zeros.
@@ -393,18 +413,6 @@ def attention(q, k, v, layout, scale: Optional[float] = None,
     raise ValueError(f"scale must be a positive number finite in float32, "
                      f"got {scale}")
   q, k, v = (x.contiguous() for x in (q, k, v))
-  outs, lses, stats = [], [], []
-  for index, comp in enumerate(layout.components):
-    tables = _cached_tables(layout, index, q.device)
-    qc, kc, vc = q, k, v
-    if comp.perm is not None:
-      qc, kc, vc = (_permute(x, tables["perm"]) for x in (q, k, v))
-    parts = ComponentAttention.apply(qc, kc, vc, tables, float(scale32),
-                                     key_lengths, backend or _THIS_MODULE)
-    if comp.perm is not None:
-      parts = [_permute(x, tables["inverse_perm"]) for x in parts]
-    for results, x in zip((outs, lses, stats), parts):
-      results.append(x)
-  if len(outs) == 1:
-    return outs[0]
-  return _merge_components(outs, lses, stats, q.dtype)
+  return LayoutAttention.apply(q, k, v, _cached_tables(layout, q.device),
+                               float(scale32), key_lengths,
+                               backend or _THIS_MODULE)

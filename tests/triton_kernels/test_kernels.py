@@ -89,6 +89,12 @@ CASES = {
     "fixed_key_lengths": (lambda: layouts.fixed(192, 32, stride=64,
                                                 summary=16, num_heads=2),
                           3, 32, None, [192, 70, 0]),
+    # Summary slots half a tile wide: a second component whose permutation
+    # differs per head (the summary tokens in front).
+    "fixed_block_64": (lambda: layouts.fixed(256, 64, stride=128, summary=32,
+                                             num_heads=2,
+                                             num_summary_patterns=2),
+                       1, 32, None, [200]),
     "strided_key_lengths": (lambda: layouts.strided(256, 32, stride=48,
                                                     num_heads=2),
                             2, 32, None, [90, 256]),
@@ -215,12 +221,13 @@ def test_component_lse_and_stats_and_rows_without_keys():
 @pytest.mark.parametrize("case", ["fixed", "strided"])
 def test_nan_in_q_makes_its_row_nan(case):
   # Row i = 70 of (batch 0, head 0) gets a NaN in q. Its output is NaN and
-  # every other row is exact. For one component (fixed) the gradients hold
+  # every other row is exact. For one component (fixed with whole-tile
+  # summary slots) the gradients hold
   # too: dq of other rows is exact; dv is NaN exactly at the keys row i
   # attends; dk is NaN there too and, through 0 * NaN in the tile products,
   # also at the other keys of tiles shared with row i's query block, but
   # exact in key blocks that share no tile with it.
-  lay = (layouts.fixed(128, 32, stride=64, summary=16, num_heads=1)
+  lay = (layouts.fixed(128, 32, stride=64, summary=32, num_heads=1)
          if case == "fixed" else layouts.strided(128, 32, stride=32))
   row, n, d = 70, lay.seq_len, 32
   q, k, v, dout = _inputs((2, 1, n, d), torch.float32, seed=9)
@@ -368,7 +375,9 @@ def test_launch_settings_cover_every_gpu_specialisation():
   for name in tile_kernels:
     assert set(kernels.LAUNCH[name]) == keys, name
     for options in kernels.LAUNCH[name].values():
-      assert set(options) == {"num_warps", "num_stages", "maxnreg"}
+      assert set(options) == {"num_warps", "num_stages", "maxnreg",
+                              "enable_fp_fusion"}
+      assert options["enable_fp_fusion"]
   for bs in kernels.GPU_BLOCK_SIZES:
     for d in kernels.GPU_HEAD_DIMS:
       assert (bs, d, "fp16") in keys and (bs, d, "bf16") in keys

@@ -24,7 +24,8 @@ int Report(const std::string& message, char* error, size_t error_size) {
 
 // The launcher's shape and tables of `p`, or an error message.
 std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
-                    ::st_keras::LayoutTables* t, gpu::DType* dtype) {
+                    ::st_keras::LayoutTables* t, gpu::ComponentIo* io,
+                    gpu::DType* dtype) {
   if (p.batch < 1 || p.heads < 1 || p.seq_len < 1 || p.head_dim < 1) {
     return "batch, heads, seq_len and head_dim must be positive";
   }
@@ -59,6 +60,8 @@ std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
   t->col_ptr = p.col_ptr;
   t->row_idx = p.row_idx;
   t->col_mask_idx = p.col_mask_idx;
+  io->original_order = p.original_order != 0;
+  io->accumulate = p.accumulate != 0;
   *dtype = static_cast<gpu::DType>(p.dtype);
   return "";
 }
@@ -74,7 +77,7 @@ extern "C" int st_bsa_gpu_forward(const st_bsa_gpu_problem* problem,
   std::string message = problem == nullptr
                             ? "problem is null"
                             : Convert(*problem, &args.shape, &args.layout,
-                                      &args.dtype);
+                                      &args.io, &args.dtype);
   if (message.empty()) {
     args.q = q;
     args.k = k;
@@ -98,7 +101,7 @@ extern "C" int st_bsa_gpu_backward(const st_bsa_gpu_problem* problem,
   std::string message = problem == nullptr
                             ? "problem is null"
                             : Convert(*problem, &args.shape, &args.layout,
-                                      &args.dtype);
+                                      &args.io, &args.dtype);
   if (message.empty() && (problem->col_ptr == nullptr ||
                           problem->row_idx == nullptr ||
                           problem->col_mask_idx == nullptr)) {

@@ -40,6 +40,13 @@ typedef struct {
   int64_t num_masks;
   const int32_t* key_lengths;
   const int32_t* key_positions;
+  /* Nonzero: the tensors are in original token order, kernel position p of
+   * head h at row key_positions[h * seq_len + p] (needs key_positions). */
+  int32_t original_order;
+  /* Nonzero: the forward continues the softmax from out and stats (an
+   * earlier component of the layout over the same rows), the backward adds
+   * to dq, dk and dv. */
+  int32_t accumulate;
 } st_bsa_gpu_problem;
 
 /* out, lse and stats from q, k, v. */

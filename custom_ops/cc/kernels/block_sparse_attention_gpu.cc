@@ -187,21 +187,22 @@ class KernelArgs {
 };
 
 // The arguments shared by the three tile kernels after their tensors.
-void AddTableArgs(const AttentionShape& shape, const int32_t* ptr,
-                  const int32_t* idx, const int32_t* mask_idx,
-                  const uint8_t* masks, KernelArgs* args) {
+void AddTableArgs(const AttentionShape& shape, const ComponentIo& io,
+                  const int32_t* ptr, const int32_t* idx,
+                  const int32_t* mask_idx, const uint8_t* masks,
+                  KernelArgs* args) {
   args->Pointer(ptr).Pointer(idx).Pointer(mask_idx).Pointer(masks)
       .Pointer(shape.key_lengths).Pointer(shape.key_positions)
       .Float(shape.scale).Int(shape.seq_len).Int(shape.heads)
       .Int(shape.key_lengths != nullptr).Int(shape.key_positions != nullptr)
-      .Scratch();
+      .Int(io.original_order).Int(io.accumulate).Scratch();
 }
 
 KernelArgs ForwardKernelArgs(const ForwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.out).Pointer(a.lse)
       .Pointer(a.stats);
-  AddTableArgs(a.shape, a.layout.row_ptr, a.layout.col_idx,
+  AddTableArgs(a.shape, a.io, a.layout.row_ptr, a.layout.col_idx,
                a.layout.mask_idx, a.layout.masks, &args);
   return args;
 }
@@ -217,7 +218,7 @@ KernelArgs DkDvKernelArgs(const BackwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
       .Pointer(a.stats).Pointer(a.delta).Pointer(a.dk).Pointer(a.dv);
-  AddTableArgs(a.shape, a.layout.col_ptr, a.layout.row_idx,
+  AddTableArgs(a.shape, a.io, a.layout.col_ptr, a.layout.row_idx,
                a.layout.col_mask_idx, a.layout.masks, &args);
   return args;
 }
@@ -226,7 +227,7 @@ KernelArgs DqKernelArgs(const BackwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
       .Pointer(a.stats).Pointer(a.delta).Pointer(a.dq);
-  AddTableArgs(a.shape, a.layout.row_ptr, a.layout.col_idx,
+  AddTableArgs(a.shape, a.io, a.layout.row_ptr, a.layout.col_idx,
                a.layout.mask_idx, a.layout.masks, &args);
   return args;
 }
@@ -405,8 +406,14 @@ std::string Launch(const char* kernel, DType dtype, int block,
   return "";
 }
 
-// Checks what every kernel needs: compiled kernels and int32 sizes.
-std::string CheckShape(const AttentionShape& shape, DType dtype, int block) {
+// Checks what every kernel needs: compiled kernels, int32 sizes, and the
+// permutation when the tensors are in original order.
+std::string CheckShape(const AttentionShape& shape, const ComponentIo& io,
+                       DType dtype, int block) {
+  if (io.original_order && shape.key_positions == nullptr) {
+    return "tensors in original order need key_positions (the component's "
+           "permutation)";
+  }
   if (!HasKernels(dtype, block, shape.head_dim)) {
     return std::string("no GPU kernel for ") + DTypeName(dtype) +
            ", block size " + std::to_string(block) + " and head_dim " +
@@ -436,7 +443,7 @@ bool HasKernels(DType dtype, int64_t block_size, int64_t head_dim) {
 
 std::string Forward(const ForwardArgs& a, void* stream) {
   const int block = a.layout.block_size;
-  std::string error = CheckShape(a.shape, a.dtype, block);
+  std::string error = CheckShape(a.shape, a.io, a.dtype, block);
   if (!error.empty()) return error;
   return Launch(kForwardKernel, a.dtype, block, a.shape.head_dim,
                 a.layout.num_blocks, a.shape.batch * a.shape.heads,
@@ -445,7 +452,7 @@ std::string Forward(const ForwardArgs& a, void* stream) {
 
 std::string Backward(const BackwardArgs& a, void* stream) {
   const int block = a.layout.block_size;
-  std::string error = CheckShape(a.shape, a.dtype, block);
+  std::string error = CheckShape(a.shape, a.io, a.dtype, block);
   if (!error.empty()) return error;
   const int64_t rows = a.shape.batch * a.shape.heads * a.shape.seq_len;
   const CompiledKernel* delta = nullptr;

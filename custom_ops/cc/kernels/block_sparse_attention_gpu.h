@@ -22,9 +22,21 @@ namespace gpu {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// How a launch addresses the tensors of one component of a layout.
+struct ComponentIo {
+  // The tensors are in original token order: kernel position p of head h is
+  // row shape.key_positions[h * n + p] (which must be given), instead of
+  // the component's kernel order.
+  bool original_order = false;
+  // Forward: continue the softmax from out and stats (a previous component
+  // over the same rows), merging the two; backward: add to dq, dk, dv.
+  bool accumulate = false;
+};
+
 struct ForwardArgs {
   AttentionShape shape;
   LayoutTables layout;  // the row-major table
+  ComponentIo io;
   DType dtype = DType::kFloat32;
   const void* q = nullptr;
   const void* k = nullptr;
@@ -37,6 +49,7 @@ struct ForwardArgs {
 struct BackwardArgs {
   AttentionShape shape;
   LayoutTables layout;  // both tables
+  ComponentIo io;
   DType dtype = DType::kFloat32;
   const void* q = nullptr;
   const void* k = nullptr;
@@ -46,9 +59,9 @@ struct BackwardArgs {
   const float* stats = nullptr;  // from the forward pass
   const float* dlse = nullptr;
   float* delta = nullptr;        // workspace: rowsum(dout * out) - dlse
-  void* dq = nullptr;            // overwritten
-  void* dk = nullptr;            // overwritten
-  void* dv = nullptr;            // overwritten
+  void* dq = nullptr;            // overwritten (or added to: io)
+  void* dk = nullptr;            // overwritten (or added to: io)
+  void* dv = nullptr;            // overwritten (or added to: io)
 };
 
 // Whether kernels were compiled for this dtype, block size and head_dim

@@ -160,8 +160,8 @@ else:
 
 
 @triton.jit
-def _block_rows(KeyPositions, h, block, n, has_key_positions, original_order,
-                BLOCK: tl.constexpr):
+def _block_rows(KeyPositions, h, block, n, has_key_lengths, has_key_positions,
+                original_order, BLOCK: tl.constexpr):
   """Original positions and memory rows of one block of kernel positions.
 
   Args:
@@ -169,20 +169,24 @@ def _block_rows(KeyPositions, h, block, n, has_key_positions, original_order,
     h: head.
     block: kernel block.
     n: sequence length.
+    has_key_lengths: whether the positions are compared with key lengths
+      (else they are needed only to address original order).
     has_key_positions: whether KeyPositions is given (else the identity).
     original_order: whether the tensors are in original order (row
       KeyPositions[h, p] holds kernel position p) rather than kernel order.
     BLOCK: tile width.
 
   Returns:
-    (positions, rows), i32 [BLOCK] each.
+    (positions, rows), i32 [BLOCK] each; positions are the kernel positions
+    where neither key lengths nor original order need the permutation.
   """
   rows = block * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) kernel positions
   positions = rows
   if has_key_positions != 0:
-    positions = tl.load(KeyPositions + h.to(tl.int64) * n + rows)
-    if original_order != 0:
-      rows = positions
+    if (has_key_lengths != 0) | (original_order != 0):
+      positions = tl.load(KeyPositions + h.to(tl.int64) * n + rows)
+      if original_order != 0:
+        rows = positions
   return positions, rows
 
 
@@ -215,7 +219,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   Out += head * HEAD_DIM
   Lse += head
   Stats += 2 * head
-  _, rows = _block_rows(KeyPositions, h, r, n,
+  _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
@@ -236,7 +240,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   for t in range(start, end):
     key_block = tl.load(ColIdx + t)
     positions, keys = _block_rows(KeyPositions, h, key_block, n,
-                                  has_key_positions,
+                                  has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
     k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
@@ -313,7 +317,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   DV += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  positions, keys = _block_rows(KeyPositions, h, c, n,
+  positions, keys = _block_rows(KeyPositions, h, c, n, has_key_lengths,
                                 has_key_positions, original_order,
                                 BLOCK)  # (BLOCK,) key rows
   k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
@@ -329,7 +333,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   end = tl.load(ColPtr + h * nb + c + 1)
   for t in range(start, end):
     _, rows = _block_rows(KeyPositions, h, tl.load(RowIdx + t), n,
-                          has_key_positions, original_order,
+                          has_key_lengths, has_key_positions, original_order,
                           BLOCK)
     q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
@@ -386,7 +390,7 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   DQ += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  _, rows = _block_rows(KeyPositions, h, r, n,
+  _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
@@ -404,7 +408,7 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   end = tl.load(RowPtr + h * nb + r + 1)
   for t in range(start, end):
     positions, keys = _block_rows(KeyPositions, h, tl.load(ColIdx + t), n,
-                                  has_key_positions,
+                                  has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
     k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
     v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)

@@ -113,7 +113,7 @@ QUICK = Settings(width=64, num_layers=2, num_heads=2, text_context=512,
 def pattern_model(pattern: str, stride: int) -> dict:
   """The attention keys of the model section for one Table 2 variant."""
   return {"pattern": pattern, "integration": "merged", "stride": stride,
-          "summary": 32, "block_size": 32}
+          "summary_size": 32, "block_size": 32}
 
 
 # ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def make_model(context: int, pattern: str) -> models.SparseTransformer:
   """The benchmark model, built with random weights."""
   model = models.SparseTransformer(
       seq_len=context, width=256, num_layers=4, num_heads=4, pattern=pattern,
-      stride=128, summary=32, block_size=32)
+      stride=128, summary_size=32, block_size=32)
   model.build()
   return model
 

@@ -47,7 +47,7 @@ def model_kwargs(pattern, n, recompute, width=DEMO["width"],
                  num_layers=DEMO["num_layers"]):
   """SparseTransformer arguments of a benchmark configuration."""
   kwargs = dict(DEMO, seq_len=n, pattern=pattern, recompute=recompute,
-                block_size=32, stride=128, summary=32, width=width,
+                block_size=32, stride=128, summary_size=32, width=width,
                 num_layers=num_layers)
   if pattern == "strided":
     stride = 2 ** round(math.log2(math.sqrt(n)))

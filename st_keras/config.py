@@ -34,7 +34,7 @@ class ModelConfig:
   pattern: str = "fixed"
   integration: str = "merged"
   stride: int = 128
-  summary: int = 32
+  summary_size: int = 32
   num_summary_patterns: int = 1
   block_size: int = 32
   qk_ratio: float = 1.0
@@ -122,7 +122,7 @@ def _in_unit(low_open: bool) -> Tuple[Callable, str]:
 RANGES: Dict[Tuple[str, str], Tuple[Callable, str]] = {
     **{("model", key): _at_least(1) for key in (
         "width", "num_layers", "num_heads", "vocab_size", "stride",
-        "summary", "num_summary_patterns", "block_size")},
+        "summary_size", "num_summary_patterns", "block_size")},
     ("model", "qk_ratio"): _above(0),
     ("model", "ff_multiplier"): _above(0),
     ("model", "dropout"): _in_unit(low_open=False),
@@ -225,9 +225,41 @@ def _check_value(where: str, value, hint):
   return value
 
 
+# Keys renamed since they were first written: (section, old name) -> new
+# name. Config files and saved runs (config.json) that use an old name still
+# load; `upgrade` renames it.
+RENAMED = {("model", "summary"): "summary_size"}  # keras.Model.summary()
+
+
+def upgrade(raw: dict) -> dict:
+  """A copy of nested config dicts with RENAMED keys under their new names.
+
+  Args:
+    raw: nested dict as read from YAML or config.json.
+
+  Returns:
+    The renamed copy (raw itself is not changed).
+
+  Raises:
+    ValueError: a section holds both a key's old and new name.
+  """
+  raw = {name: dict(values) if isinstance(values, dict) else values
+         for name, values in raw.items()}
+  for (section, old), new in RENAMED.items():
+    values = raw.get(section)
+    if isinstance(values, dict) and old in values:
+      if new in values:
+        raise ValueError(f"config keys {section}.{old} and {section}.{new} "
+                         f"are one setting ({old} is its old name); give one")
+      values[new] = values.pop(old)
+  return raw
+
+
 def from_dict(raw: dict) -> Config:
-  """Builds a checked Config from nested dicts (missing keys: defaults)."""
+  """Builds a checked Config from nested dicts (missing keys: defaults;
+  RENAMED keys under either name)."""
   _check_sections(raw)
+  raw = upgrade(raw)
   unknown = set(raw) - set(SECTIONS)
   if unknown:
     raise KeyError(f"unknown config section(s) {sorted(unknown)}; known: "

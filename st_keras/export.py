@@ -176,7 +176,8 @@ class ServingModule(tf.Module):
 
     Args:
       prompt: (batch, p) int32 bytes, p >= 1.
-      length: int32 scalar, p + length <= seq_len.
+      length: int32 scalar, p + length <= seq_len + 1 (the last byte is
+        drawn, never fed back).
       temperature: float32 scalar, finite and > 0.
       seed: int64 scalar; the same seed gives the same bytes.
 
@@ -189,10 +190,12 @@ class ServingModule(tf.Module):
     checks = _byte_checks(prompt, "prompt", model.vocab_size) + [
         tf.debugging.assert_non_negative(
             length, message="length: must be >= 0"),
-        # Compared as length <= seq_len - p: prompt + length could overflow.
+        # Compared as length <= seq_len + 1 - p: prompt + length could
+        # overflow.
         tf.debugging.assert_less_equal(
-            length, model.seq_len - tf.shape(prompt)[1],
-            message=f"prompt + length: must fit the context {model.seq_len}"),
+            length, model.seq_len + 1 - tf.shape(prompt)[1],
+            message=f"prompt + length: must fit the context {model.seq_len} "
+                    f"+ 1 (the last byte is drawn, never read)"),
         tf.debugging.assert_positive(
             temperature, message="temperature: must be finite and > 0"),
         tf.debugging.assert_less(  # fails for inf and NaN

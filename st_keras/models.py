@@ -100,8 +100,8 @@ class SparseTransformer(keras.Model):
     pattern: 'fixed', 'strided', 'dense' or 'local'.
     integration: 'merged', 'multihead' or 'interleaved'.
     stride: the pattern's l.
-    summary: the fixed pattern's c, a positive int (<= stride for the fixed
-      pattern).
+    summary_size: the fixed pattern's c, a positive int (<= stride for the
+      fixed pattern). Saved models whose config says `summary` load too.
     num_summary_patterns: fixed-pattern summary slots across heads.
     block_size: attention tile size: 16, 32, 64 or 128.
     qk_ratio: query/key projection width relative to the value width.
@@ -133,7 +133,7 @@ class SparseTransformer(keras.Model):
   def __init__(self, seq_len: int, width: int = 256, num_layers: int = 4,
                num_heads: int = 4, vocab_size: int = 256,
                pattern: str = "fixed", integration: str = "merged",
-               stride: int = 128, summary: int = 32,
+               stride: int = 128, summary_size: int = 32,
                num_summary_patterns: int = 1, block_size: int = 32,
                qk_ratio: float = 1.0, ff_multiplier: float = 4.0,
                dropout: float = 0.0,
@@ -144,10 +144,11 @@ class SparseTransformer(keras.Model):
     super().__init__(**kwargs)
     _check_sizes(seq_len=seq_len, width=width, num_layers=num_layers,
                  num_heads=num_heads, vocab_size=vocab_size,
-                 block_size=block_size, stride=stride, summary=summary)
-    if pattern == "fixed" and summary > stride:
-      raise ValueError(f"summary must be <= stride ({stride}) for the fixed "
-                       f"pattern, got {summary}")
+                 block_size=block_size, stride=stride,
+                 summary_size=summary_size)
+    if pattern == "fixed" and summary_size > stride:
+      raise ValueError(f"summary_size must be <= stride ({stride}) for the "
+                       f"fixed pattern, got {summary_size}")
     self.seq_len = seq_len
     self.width = width
     self.num_layers = num_layers
@@ -156,7 +157,8 @@ class SparseTransformer(keras.Model):
     self.pattern = pattern
     self.integration = integration
     self.stride = stride
-    self.summary = summary
+    # Not `summary`: that is keras.Model.summary().
+    self.summary_size = summary_size
     self.num_summary_patterns = num_summary_patterns
     self.block_size = block_size
     self.qk_ratio = qk_ratio
@@ -175,7 +177,7 @@ class SparseTransformer(keras.Model):
     self.blocks = []
     for r, mode in enumerate(layer_modes(pattern, integration, num_layers)):
       attention = dict(
-          pattern=pattern, mode=mode, stride=stride, summary=summary,
+          pattern=pattern, mode=mode, stride=stride, summary=summary_size,
           num_summary_patterns=num_summary_patterns, block_size=block_size,
           qk_ratio=qk_ratio, implementation=attention_implementation)
       self.blocks.append(SparseTransformerBlock(
@@ -327,7 +329,7 @@ class SparseTransformer(keras.Model):
         "num_layers": self.num_layers, "num_heads": self.num_heads,
         "vocab_size": self.vocab_size, "pattern": self.pattern,
         "integration": self.integration, "stride": self.stride,
-        "summary": self.summary,
+        "summary_size": self.summary_size,
         "num_summary_patterns": self.num_summary_patterns,
         "block_size": self.block_size, "qk_ratio": self.qk_ratio,
         "ff_multiplier": self.ff_multiplier, "dropout": self.dropout,
@@ -336,6 +338,15 @@ class SparseTransformer(keras.Model):
         "attention_implementation": self.attention_implementation,
         "seed": self.seed,
     }
+
+  @classmethod
+  def from_config(cls, config):
+    """The model of `get_config`; a config saved before summary_size was
+    named so (key `summary`) loads too."""
+    config = dict(config)
+    if "summary" in config:
+      config.setdefault("summary_size", config.pop("summary"))
+    return cls(**config)
 
 
 def compile_for_training(model: SparseTransformer, optimizer,

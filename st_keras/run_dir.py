@@ -22,6 +22,8 @@ import json
 import os
 from typing import Dict, List, Sequence
 
+from st_keras import config as config_lib
+
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.csv"
@@ -159,6 +161,10 @@ def check_saved_config(directory: str, wanted: dict,
     raise RunDirectoryError(
         f"cannot read the saved config {path!r} ({e}); restore it, or move "
         f"the run directory aside to start a new run") from None
+  try:  # a run saved before a key was renamed has its old name
+    saved = config_lib.upgrade(saved)
+  except ValueError as e:
+    raise RunDirectoryError(f"the saved config {path!r}: {e}") from None
   changes = config_changes(saved, wanted)
   if changes and not allow_change:
     raise RunDirectoryError(

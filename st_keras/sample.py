@@ -104,7 +104,9 @@ def cached_sample(model, prompt, length, temperature, seed, top_k: int = 0,
   Args:
     model: a built `SparseTransformer`.
     prompt: int32 [batch, p] tensor, p >= 1.
-    length: int32 scalar tensor; p + length <= model.seq_len.
+    length: int32 scalar tensor; p + length <= model.seq_len + 1 (the last
+      byte is drawn from the logits of position seq_len - 1 and never fed
+      back).
     temperature: float32 scalar tensor (> 0).
     seed: int64 scalar tensor.
     top_k, top_p: see `filter_logits` (Python values).
@@ -158,10 +160,14 @@ def cached_logits(model, tokens):
 def _check_generate_args(model, prompt: np.ndarray, length: int) -> None:
   """Checks the prompt and length of `generate`.
 
+  p + length may reach seq_len + 1: the last byte is drawn from the logits
+  at position seq_len - 1 and is not fed back (a whole image after its
+  start byte).
+
   Raises:
     ValueError, naming the argument: prompt is not a non-empty [batch, p]
       array of tokens in 0..vocab_size - 1, or length is not an int >= 0
-      with p + length <= seq_len.
+      with p + length <= seq_len + 1.
   """
   if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be [batch, p] with batch, p >= 1, got "
@@ -173,9 +179,10 @@ def _check_generate_args(model, prompt: np.ndarray, length: int) -> None:
     raise ValueError(f"prompt tokens must be in 0..{model.vocab_size - 1}")
   if not (_is_int(length) and length >= 0):
     raise ValueError(f"length must be an int >= 0, got {length!r}")
-  if prompt.shape[1] + int(length) > model.seq_len:
+  if prompt.shape[1] + int(length) > model.seq_len + 1:
     raise ValueError(f"prompt ({prompt.shape[1]}) + length ({length}) must "
-                     f"fit the context {model.seq_len}")
+                     f"fit the context {model.seq_len} + 1 (the last byte "
+                     f"is drawn, never read)")
 
 
 def generate(model, prompt: np.ndarray, length: int,
@@ -187,7 +194,7 @@ def generate(model, prompt: np.ndarray, length: int,
   Args:
     model: a `SparseTransformer`.
     prompt: [batch, p] ints in 0..vocab_size - 1 (p >= 1).
-    length: bytes to generate; p + length <= model.seq_len.
+    length: bytes to generate; p + length <= model.seq_len + 1.
     temperature, top_k, top_p: see `filter_logits`.
     seed: seed of the sampler (0 when None).
     use_cache: decode with the key/value cache (else one full forward per
@@ -218,10 +225,11 @@ def generate(model, prompt: np.ndarray, length: int,
     return draw(logits, position, seed, temperature, top_k, top_p)
 
   total = prompt.shape[1] + length
-  tokens = np.zeros((prompt.shape[0], model.seq_len), np.int32)
+  # One column more than the model reads: the last byte is only drawn.
+  tokens = np.zeros((prompt.shape[0], model.seq_len + 1), np.int32)
   tokens[:, :prompt.shape[1]] = prompt
   for position in range(prompt.shape[1], total):
-    tokens[:, position] = next_token(tf.constant(tokens),
+    tokens[:, position] = next_token(tf.constant(tokens[:, :-1]),
                                      tf.constant(position)).numpy()
   return tokens[:, :total].astype(np.uint8)
 
@@ -231,9 +239,17 @@ def generate(model, prompt: np.ndarray, length: int,
 
 
 def write_text(tokens: np.ndarray, path: str) -> None:
-  """Writes the byte sequences of [batch, n] tokens, one per line block."""
+  """Writes the byte sequences of [batch, n] tokens, each after a header.
+
+  Sample i of B is the line `=== sample i/B: n bytes ===`, then exactly its
+  n bytes (which may hold any byte, newlines included), then a newline: a
+  reader takes the count from the header, so samples never run together.
+  """
   with open(path, "wb") as f:
-    f.write(b"\n\n".join(row.astype(np.uint8).tobytes() for row in tokens))
+    for i, row in enumerate(tokens):
+      data = row.astype(np.uint8).tobytes()
+      f.write(f"=== sample {i + 1}/{len(tokens)}: {len(data)} bytes ===\n"
+              .encode("ascii") + data + b"\n")
 
 
 def write_image_grid(tokens: np.ndarray, image_shape: Sequence[int],
@@ -297,7 +313,14 @@ def _run_kind(model_path: str) -> str:
     return json.load(f)["data"]["kind"]
 
 
-def _prompt(args, model) -> np.ndarray:
+def _prompt(args, model, kind: str) -> np.ndarray:
+  """The prompt rows [batch, p] from the CLI arguments.
+
+  Without a prompt, an image starts from its start byte, audio from
+  silence (mu-law 128) and text from a 0 byte.
+  """
+  from st_keras.data import audio  # pylint: disable=import-outside-toplevel
+  from st_keras.data import windows  # pylint: disable=import-outside-toplevel
   if args.prompt_image:
     import matplotlib.image  # pylint: disable=import-outside-toplevel
     image = matplotlib.image.imread(args.prompt_image)
@@ -308,15 +331,17 @@ def _prompt(args, model) -> np.ndarray:
     if image.shape != (rows, cols, channels):
       raise ValueError(f"--prompt-image must be {rows}x{cols} with "
                        f"{channels} channels, got shape {image.shape}")
-    # Images are modelled after a 0 start byte.
-    data = np.concatenate([[0], image[:args.prompt_rows].reshape(-1)])
+    data = np.concatenate([[windows.START_BYTE],
+                           image[:args.prompt_rows].reshape(-1)])
   elif args.prompt_file:
     with open(args.prompt_file, "rb") as f:
       data = np.frombuffer(f.read(), np.uint8)
   else:
     data = np.frombuffer(args.prompt.encode("utf-8"), np.uint8)
-  if data.size == 0:
-    data = np.zeros(1, np.uint8)  # one 0 byte (the images' start byte)
+  if data.size == 0 and kind in IMAGE_KINDS:
+    data = np.array([windows.START_BYTE], np.uint8)
+  elif data.size == 0:
+    data = np.array([audio.SILENCE if kind == "audio" else 0], np.uint8)
   return np.tile(data[None], (args.batch, 1))
 
 
@@ -326,7 +351,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--model", required=True,
                       help="a model.keras written by st-train")
   parser.add_argument("--length", type=int, required=True,
-                      help="bytes to generate after the prompt")
+                      help="bytes to generate after the prompt; prompt + "
+                      "length may be the context + 1 (an image model's "
+                      "whole image after its start byte)")
   source = parser.add_mutually_exclusive_group()
   source.add_argument("--prompt", default="", help="text prompt")
   source.add_argument("--prompt-file", help="file whose bytes are the prompt")
@@ -358,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   model = keras.models.load_model(args.model)
   kind = args.kind or _run_kind(args.model)
   try:
-    prompt = _prompt(args, model)
+    prompt = _prompt(args, model, kind)
     tokens = generate(model, prompt, args.length, args.temperature,
                       args.top_k, args.top_p, args.seed,
                       use_cache=not args.no_cache)

@@ -27,7 +27,7 @@ CUSTOM_OP = "SparseTransformer>BlockSparseAttention"
 def _model(pattern="fixed"):
   model = models.SparseTransformer(seq_len=64, width=24, num_layers=2,
                                    num_heads=2, pattern=pattern, stride=16,
-                                   summary=4, block_size=16)
+                                   summary_size=4, block_size=16)
   model.build()
   rng = np.random.default_rng()
   model.set_weights([w + rng.normal(0, 0.3, w.shape).astype(w.dtype)
@@ -159,7 +159,7 @@ FRESH_PROCESS = textwrap.dedent("""
          "lengths"),
         ("short", lambda: score(tokens=ok, lengths=tf.constant([1])),
          "lengths"),
-        ("long", lambda: generate(prompt=ok, length=tf.constant(62),
+        ("long", lambda: generate(prompt=ok, length=tf.constant(63),
                                   temperature=tf.constant(1.0),
                                   seed=tf.constant(1, tf.int64)),
          "fit the context"),
@@ -175,6 +175,11 @@ FRESH_PROCESS = textwrap.dedent("""
         assert message in str(e), (case, str(e)[:500])
       else:
         raise AssertionError(case + " was accepted")
+    # The longest accepted: the last byte is drawn, never fed back.
+    whole = generate(prompt=ok, length=tf.constant(62),
+                     temperature=tf.constant(1.0),
+                     seed=tf.constant(1, tf.int64))["tokens"]
+    assert tuple(whole.shape) == (1, 65)
 
     assert op_def_registry.get("%s") is None  # the op library never loaded
     assert not [m for m in sys.modules if m.startswith("st_keras")]

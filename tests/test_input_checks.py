@@ -29,7 +29,7 @@ from st_keras.data import images
 from st_keras.data import text
 
 TINY = dict(seq_len=64, width=16, num_layers=1, num_heads=2, stride=16,
-            summary=4, block_size=16)
+            summary_size=4, block_size=16)
 # A read that blocks on a FIFO fails the test after this many seconds.
 TIMEOUT_S = 30
 # KSDATAFORMAT_SUBTYPE_PCM and _IEEE_FLOAT as a WAV file stores them.
@@ -249,11 +249,11 @@ def test_resampling_memory_is_bounded_at_the_highest_rate():
     (dict(block_size=8), "block_size must be one of"),
     (dict(block_size=48, seq_len=96), "block_size must be one of"),
     (dict(block_size=256, seq_len=256), "block_size must be one of"),
-    (dict(summary=0), "summary must be a positive int"),
-    (dict(summary=-2), "summary must be a positive int"),
-    (dict(summary=2.5), "summary must be a positive int"),
-    (dict(summary=True), "summary must be a positive int"),
-    (dict(summary=17), r"summary must be <= stride \(16\)"),
+    (dict(summary_size=0), "summary_size must be a positive int"),
+    (dict(summary_size=-2), "summary_size must be a positive int"),
+    (dict(summary_size=2.5), "summary_size must be a positive int"),
+    (dict(summary_size=True), "summary_size must be a positive int"),
+    (dict(summary_size=17), r"summary_size must be <= stride \(16\)"),
 ])
 def test_model_rejects_bad_block_size_and_summary_when_built(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -261,8 +261,8 @@ def test_model_rejects_bad_block_size_and_summary_when_built(kwargs, match):
 
 
 def test_summary_is_bounded_by_stride_for_the_fixed_pattern_only():
-  assert _tiny(summary=16).summary == 16
-  assert _tiny(pattern="strided", summary=17).summary == 17
+  assert _tiny(summary_size=16).summary_size == 16
+  assert _tiny(pattern="strided", summary_size=17).summary_size == 17
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import tensorflow as tf
 from st_keras import models
 
 TINY = dict(seq_len=64, width=16, num_layers=2, num_heads=2, stride=16,
-            summary=4, block_size=16)
+            summary_size=4, block_size=16)
 
 
 def _model(**kwargs):
@@ -97,6 +97,33 @@ def test_save_and_load_round_trip(tmp_path):
   assert loaded.get_config() == model.get_config()
   np.testing.assert_allclose(loaded(x).numpy(), want, rtol=1e-6, atol=1e-6)
   clone = models.SparseTransformer.from_config(model.get_config())
+  assert clone.get_config() == model.get_config()
+
+
+def test_summary_prints_for_a_built_and_a_loaded_model(tmp_path):
+  # The fixed pattern's c is summary_size: an attribute named `summary`
+  # hid keras.Model.summary() ("'int' object is not callable").
+  model = _model()
+  model.build()
+  lines = []
+  model.summary(print_fn=lines.append)
+  text = "\n".join(lines)
+  assert "block_0" in text and "Total params" in text
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  lines = []
+  loaded.summary(print_fn=lines.append)
+  assert "\n".join(lines) == text
+  assert loaded.summary_size == 4
+
+
+def test_a_config_saved_with_the_old_summary_key_loads():
+  model = _model(summary_size=8)
+  old = dict(model.get_config())
+  old["summary"] = old.pop("summary_size")
+  clone = models.SparseTransformer.from_config(old)
+  assert clone.summary_size == 8
   assert clone.get_config() == model.get_config()
 
 

@@ -2,6 +2,7 @@
 forward pass, seeded generation and the st-sample CLI."""
 
 import json
+import re
 import wave
 
 import keras
@@ -13,6 +14,7 @@ from st_keras import layouts
 from st_keras import models
 from st_keras import ops
 from st_keras import sample
+from st_keras.data import audio
 
 
 def test_top_k_keeps_the_k_largest():
@@ -44,7 +46,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_generate_keeps_the_prompt_and_is_seeded():
   rng = np.random.default_rng()
   model = models.SparseTransformer(seq_len=64, width=16, num_layers=2,
-                                   num_heads=2, stride=16, summary=4,
+                                   num_heads=2, stride=16, summary_size=4,
                                    block_size=16)
   prompt = rng.integers(0, 256, (2, 5))
   a = sample.generate(model, prompt, 10, top_k=20, seed=3)
@@ -61,7 +63,13 @@ def test_generate_keeps_the_prompt_and_is_seeded():
   logits = model(tokens).numpy()[0]
   np.testing.assert_array_equal(greedy[0, 5:], logits[4:7].argmax(-1))
   with pytest.raises(ValueError, match="fit the context"):
-    sample.generate(model, prompt, 60)
+    sample.generate(model, prompt, 61)
+  # prompt + length = seq_len + 1: the last byte is drawn from the logits
+  # of the last position, by both decoders alike.
+  whole = sample.generate(model, prompt, 60, seed=5)
+  assert whole.shape == (2, 65)
+  np.testing.assert_array_equal(
+      whole, sample.generate(model, prompt, 60, seed=5, use_cache=False))
   with pytest.raises(ValueError, match="prompt tokens"):
     sample.generate(model, np.full((1, 3), 300), 2)
 
@@ -111,7 +119,7 @@ def _random_model(pattern, integration="merged", qk_ratio=1.0,
                   num_heads=2):
   model = models.SparseTransformer(
       seq_len=96, width=24, num_layers=2, num_heads=num_heads,
-      pattern=pattern, integration=integration, stride=16, summary=4,
+      pattern=pattern, integration=integration, stride=16, summary_size=4,
       block_size=16, qk_ratio=qk_ratio)
   model.build()
   rng = np.random.default_rng()
@@ -172,7 +180,7 @@ def test_cached_and_full_forward_generation_draw_the_same_bytes(pattern):
 
 def _saved_run(tmp_path, kind, embedding_axes=None, seq_len=64):
   model = models.SparseTransformer(seq_len=seq_len, width=16, num_layers=1,
-                                   num_heads=2, stride=16, summary=4,
+                                   num_heads=2, stride=16, summary_size=4,
                                    block_size=16,
                                    embedding_axes=embedding_axes)
   model.build()
@@ -189,8 +197,19 @@ def test_cli_writes_text_continuing_the_prompt(tmp_path):
   assert sample.main(["--model", path, "--prompt", "def f(x):",
                       "--length", "20", "--batch", "2", "--seed", "1",
                       "--top-p", "0.9", "--output", str(out)]) == 0
-  rows = out.read_bytes().split(b"\n\n")
-  assert len(rows) >= 2 and out.read_bytes().startswith(b"def f(x):")
+  # A header per sample with its byte count: samples holding newlines (or
+  # any byte) are read back exactly.
+  data, rows = out.read_bytes(), []
+  while data:
+    header, data = data.split(b"\n", 1)
+    match = re.fullmatch(rb"=== sample (\d+)/2: (\d+) bytes ===", header)
+    assert match and int(match.group(1)) == len(rows) + 1, header
+    size = int(match.group(2))
+    rows.append(data[:size])
+    assert data[size:size + 1] == b"\n"
+    data = data[size + 1:]
+  assert len(rows) == 2 and all(len(r) == 9 + 20 for r in rows)
+  assert all(r.startswith(b"def f(x):") for r in rows)
   with pytest.raises(SystemExit):  # does not fit the context
     sample.main(["--model", path, "--length", "80", "--output", str(out)])
 
@@ -220,3 +239,33 @@ def test_cli_writes_an_image_grid_and_wav(tmp_path):
     assert (f.getframerate(), f.getsampwidth(), f.getnchannels()) == (
         12000, 2, 1)
     assert f.getnframes() == 2 * (31 + 3000)
+    pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+  # Each clip starts from silence (mu-law 128), not a full-scale click.
+  assert audio.mu_law_encode(np.zeros(1))[0] == audio.SILENCE
+  assert abs(int(pcm[0])) <= 3 and abs(int(pcm[31 + 3000])) <= 3
+
+
+def test_cli_samples_every_value_of_an_image(tmp_path):
+  # --length = rows * cols * channels after the start byte fills the whole
+  # image; with the logits' bias on byte 200, every drawn value is 200 (an
+  # undrawn one would be the grid's 0).
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  model = models.SparseTransformer(seq_len=48, width=16, num_layers=1,
+                                   num_heads=2, stride=16, summary_size=4,
+                                   block_size=16, embedding_axes=(4, 4, 3))
+  model.build()
+  bias = np.full(256, -1e4, np.float32)
+  bias[200] = 0.0
+  model.logits.bias.assign(bias)
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"data": {"kind": "cifar10"}}, f)
+  out = tmp_path / "image.png"
+  assert sample.main(["--model", path, "--length", "48", "--output",
+                      str(out)]) == 0
+  grid = np.round(matplotlib.image.imread(out)[..., :3] * 255)
+  assert grid.shape == (5, 5, 3)  # one 4 x 4 image and its 1 px border
+  assert (grid[:4, :4] == 200).all()
+  with pytest.raises(SystemExit):  # one more than the image holds
+    sample.main(["--model", path, "--length", "49", "--output", str(out)])

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from st_keras import config as config_lib
+from st_keras import run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -24,7 +25,7 @@ CONFIGS = os.path.join(REPO, "configs")
 def _tiny(tmp_path, corpus, **train):
   raw = {
       "model": dict(width=16, num_layers=2, num_heads=2, stride=16,
-                    summary=4, block_size=16),
+                    summary_size=4, block_size=16),
       "data": dict(kind="text", path=str(corpus), context=64, batch_size=4),
       "train": dict(steps=4, warmup_steps=1, checkpoint_every=2,
                     eval_batches=2, output_dir=str(tmp_path / "run"),
@@ -67,6 +68,25 @@ def test_config_errors_name_the_key(tmp_path):
                                 "train.learning_rate=1"]))
   assert (cfg.train.steps, cfg.model.embedding_axes,
           cfg.train.learning_rate) == (7, [4, 16], 1.0)
+
+
+def test_the_old_name_of_summary_size_is_read(tmp_path):
+  assert config_lib.from_dict(
+      {"model": {"summary": 16}}).model.summary_size == 16
+  assert config_lib.from_dict(config_lib.override(
+      {}, ["model.summary=8"])).model.summary_size == 8
+  with pytest.raises(ValueError, match="model.summary and model.summary_size"):
+    config_lib.from_dict({"model": {"summary": 16, "summary_size": 16}})
+  # A run directory saved before the rename resumes without a config change.
+  wanted = config_lib.from_dict({}).to_dict()
+  saved = json.loads(json.dumps(wanted))
+  saved["model"]["summary"] = saved["model"].pop("summary_size")
+  (tmp_path / run_dir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert run_dir.check_saved_config(str(tmp_path), wanted) == []
+  wanted["model"]["summary_size"] += 1
+  with pytest.raises(run_dir.RunDirectoryError,
+                     match="model.summary_size: 32 -> 33"):
+    run_dir.check_saved_config(str(tmp_path), wanted)
 
 
 def _run_train(raw, tmp_path, *args, env=None):
@@ -162,7 +182,7 @@ MIRRORED = textwrap.dedent("""
       keras.utils.set_random_seed(1)
       with strategy.scope():
         model = models.SparseTransformer(seq_len=64, width=16, num_layers=2,
-                                         num_heads=2, stride=16, summary=4,
+                                         num_heads=2, stride=16, summary_size=4,
                                          block_size=16)
         model.build()
         models.compile_for_training(model, keras.optimizers.SGD(0.1))

@@ -32,7 +32,7 @@ STEPS, EVERY = 12, 2
 def _raw(corpus, output_dir, **train_overrides):
   raw = {
       "model": dict(width=16, num_layers=2, num_heads=2, stride=16,
-                    summary=4, block_size=16),
+                    summary_size=4, block_size=16),
       "data": dict(kind="text", path=str(corpus), context=64, batch_size=4),
       "train": dict(steps=STEPS, warmup_steps=1, checkpoint_every=EVERY,
                     eval_batches=2, output_dir=str(output_dir),

@@ -15,6 +15,9 @@ from st_keras.data.text import read_file
 
 SAMPLE_RATE = 12_000
 MU = 255
+# The mu-law code of a zero sample (mu_law_encode(0.0)): silence, the
+# default start of a sampled clip (code 0 decodes to -1.0, a click).
+SILENCE = 128
 # Supported sample rates, in Hz: a header claiming more is refused.
 MIN_RATE, MAX_RATE = 1, 384_000
 # The longest resampling kernel (a rate ratio of up to 2048 with the

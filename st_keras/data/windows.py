@@ -6,6 +6,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+# The byte before the first of a fixed-length sequence (an image): its
+# inputs start with it, so every byte of the sequence is predicted, and
+# sampling a sequence starts from it.
+START_BYTE = 0
+
 
 def _check(data: np.ndarray, context: int, batch_size: int,
            name: str) -> np.ndarray:
@@ -144,7 +149,7 @@ def sequence_batches(sequences: np.ndarray, batch_size: int,
 
   def shift(sequence):
     sequence = tf.cast(sequence, tf.int32)
-    return tf.concat([[0], sequence[:-1]], 0), sequence
+    return tf.concat([[START_BYTE], sequence[:-1]], 0), sequence
 
   if seed is None:
     ds = tf.data.Dataset.from_tensor_slices(sequences)

@@ -39,6 +39,7 @@ from st_keras import config as config_lib
 from st_keras import data as data_lib
 from st_keras import models
 from st_keras import run_dir
+from st_keras import training_log
 from st_keras import sample as sample_lib
 
 LOG = logging.getLogger("st_keras.train")
@@ -271,11 +272,6 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a non-finite loss or weights; nothing was saved."""
 
 
-def _scalar(value) -> float:
-  """A log value (a tensor, or shape [1] under multi-worker) as a float."""
-  return float(np.asarray(value).reshape(-1)[0])
-
-
 class IntervalCheckpointer(keras.callbacks.Callback):
   """Counts the batches, stops at batch `last`, and ends every checkpoint
   interval (epoch) with its history.csv row, then its checkpoint.
@@ -296,13 +292,12 @@ class IntervalCheckpointer(keras.callbacks.Callback):
     last: the batch count at which to stop.
     history: the run's `run_dir.History`.
     tokens_per_step: tokens in one global batch.
-    log_every: log the step and loss every this many steps (0: never).
     stop: a `GracefulStop` checked after every batch, or None.
   """
 
   def __init__(self, manager, batches: tf.Variable, last: int,
                history: run_dir.History, tokens_per_step: int,
-               log_every: int = 0, stop: Optional[GracefulStop] = None):
+               stop: Optional[GracefulStop] = None):
     super().__init__()
     self.stop = stop
     self.manager = manager
@@ -311,7 +306,6 @@ class IntervalCheckpointer(keras.callbacks.Callback):
     self.last = last
     self.history = history
     self.tokens_per_step = tokens_per_step
-    self.log_every = log_every
     self.step_seconds, self._start = [], None
 
   def _check_finite(self, loss: Optional[float] = None) -> None:
@@ -351,11 +345,9 @@ class IntervalCheckpointer(keras.callbacks.Callback):
     self.step += 1
     if batch > 0:  # the first step of an epoch includes tracing/warm-up
       self.step_seconds.append(time.perf_counter() - self._start)
-    loss = _scalar((logs or {}).get("loss", 0.0))
+    loss = training_log.scalar((logs or {}).get("loss", 0.0))
     if not math.isfinite(loss):
       self._check_finite(loss)
-    if self.log_every and self.step % self.log_every == 0:
-      LOG.info("step %d: loss %.4f", self.step, loss)
     if self.step >= self.last:
       self.model.stop_training = True
     if self.stop is not None:
@@ -365,7 +357,7 @@ class IntervalCheckpointer(keras.callbacks.Callback):
     self._check_finite()
     # The row first: a kill between the two leaves a row past the last
     # checkpoint, which the resumed run drops (run_dir.History).
-    self.history.append(self.step, {k: _scalar(v)
+    self.history.append(self.step, {k: training_log.scalar(v)
                                     for k, v in (logs or {}).items()})
     self.save()
 
@@ -489,10 +481,11 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
   stop = GracefulStop()
   checkpointer = IntervalCheckpointer(
       manager, batches, last, history, global_batch * cfg.data.context,
-      cfg.train.log_every, stop)
-  callbacks = [checkpointer,
-               keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"),
-                                           update_freq=10)]
+      stop)
+  # After the checkpointer, which counts the step this one reports.
+  callbacks = [checkpointer, training_log.TrainingLog(
+      lambda: checkpointer.step, last, every, cfg.train.log_every,
+      os.path.join(out_dir, "logs"), interactive=sys.stdout.isatty())]
   # The training stream starts at the restored batch count.
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:
@@ -505,8 +498,7 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
                   steps_per_epoch=every, validation_data=valid_ds,
                   validation_steps=cfg.train.eval_batches,
                   callbacks=callbacks,
-                  # A progress bar on a terminal, a line per epoch in logs.
-                  verbose=1 if sys.stdout.isatty() else 2)
+                  verbose=0)  # TrainingLog shows the progress
         stop.check()  # a signal during the last validation
       except StopRequested:
         step = checkpointer.save()
@@ -530,6 +522,24 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
   run_dir.write_atomically(os.path.join(out_dir, "summary.json"),
                            json.dumps(summary, indent=2))
   return summary
+
+
+def configure_logging() -> None:
+  """Prints the st_keras loggers' INFO lines to stderr, each once.
+
+  The package's logger gets a handler of its own and, like TensorFlow's
+  (which has its own), stops propagating to the root logger: a handler
+  there (logging.basicConfig, which a library's first module-level
+  logging.info() call installs) would print every line a second time.
+  """
+  logger = logging.getLogger("st_keras")
+  if not logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  for name in ("st_keras", "tensorflow"):
+    logging.getLogger(name).propagate = False
 
 
 def _positive_int(text: str) -> int:
@@ -559,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="resume a run whose saved config.json differs "
                       "from this config (other than train.steps)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+  configure_logging()
   try:
     cfg = config_lib.load(args.config, args.override)
   except (OSError, KeyError, TypeError, ValueError) as e:

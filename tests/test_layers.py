@@ -1,6 +1,7 @@
 """Keras layers: attention against a float64 reference, embeddings, residual
 block (formula, initialisation, recomputation), config round trips."""
 
+import logging
 import math
 
 import keras
@@ -206,6 +207,27 @@ def test_recompute_gives_the_same_gradients(impl):
   assert len(got) == len(want) == 1 + len(plain.trainable_variables)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_recompute_watches_no_integer_tensor():
+  # recompute_grad watches its function's arguments; the dropout seed
+  # (int32) is bound, not passed, so TensorFlow does not warn "The dtype of
+  # the watched tensor must be floating" at every step.
+  messages = []
+  handler = logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  tf.get_logger().addHandler(handler)
+  try:
+    block = _block(dropout=0.1, seed=3, recompute=True)
+    x = tf.constant(np.random.default_rng().standard_normal(
+        (2, 64, 16)).astype(np.float32))
+    with tf.GradientTape() as tape:  # eagerly: the warning's first place
+      y = block(x, training=True)
+    grads = tape.gradient(y, block.trainable_variables)
+  finally:
+    tf.get_logger().removeHandler(handler)
+  assert all(g is not None for g in grads)
+  assert not [m for m in messages if "watched tensor" in m], messages
 
 
 @pytest.mark.parametrize("make", [

@@ -1,6 +1,9 @@
 """Layouts against the paper's token-level formulas, written independently."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -177,3 +180,30 @@ def test_save_layout_png(tmp_path):
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 1000
+
+
+def test_layouts_import_without_tensorflow():
+  # layouts.py is numpy-only: with TensorFlow blocked, `import st_keras`
+  # gives the layouts, and the TensorFlow modules say why they are missing.
+  script = textwrap.dedent("""
+      import sys
+      sys.modules["tensorflow"] = None  # `import tensorflow` fails
+      import st_keras
+      from st_keras import layouts
+      assert layouts.fixed(4096, 64, 128, 32, num_heads=2).num_pairs() > 0
+      loaded = [m for m, v in sys.modules.items() if v is not None and
+                m.split(".")[0] in ("tensorflow", "keras")]
+      assert not loaded, loaded
+      try:
+        st_keras.ops
+      except ImportError as e:
+        assert "needs TensorFlow" in str(e), e
+      else:
+        raise AssertionError("st_keras.ops without TensorFlow")
+      print("OK")
+      """)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", script], cwd=repo,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo))
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr

@@ -106,13 +106,30 @@ def test_cli_reports_config_errors(tmp_path, corpus):
   assert "unknown config key train.stepz" in result.stderr
 
 
-def test_resume_continues_exactly(tmp_path, corpus):
+def _scalars(directory):
+  """{tag: [step, ...]} of the scalars in a TensorBoard directory."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  steps = {}
+  for name in sorted(os.listdir(directory)):
+    for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(directory, name)):
+      for value in event.summary.value:
+        assert np.isfinite(tf.make_ndarray(value.tensor)), value.tag
+        steps.setdefault(value.tag, []).append(event.step)
+  return steps
+
+
+def test_resume_continues_exactly(tmp_path, corpus, caplog):
   from st_keras import train
+  caplog.set_level("INFO", logger="st_keras")
   straight = config_lib.from_dict(_tiny(tmp_path / "a", corpus, steps=5))
   whole = train.train(straight)
-  split = config_lib.from_dict(_tiny(tmp_path / "b", corpus, steps=5))
+  split = config_lib.from_dict(_tiny(tmp_path / "b", corpus, steps=5,
+                                     log_every=1))
   first = train.train(split, stop_after=3)  # stops mid-chunk
   assert first["steps"] == 3
+  # Progress counts the steps that run: 2, then 1 (stopped at 3).
+  assert "step 3/3 (1 steps in" in caplog.text, caplog.text[-2000:]
   assert sorted(os.listdir(tmp_path / "b" / "run" / "checkpoints"))
   second = train.train(split)
   assert second["resumed_from"] == 3 and second["steps"] == 5
@@ -133,6 +150,17 @@ def test_resume_continues_exactly(tmp_path, corpus):
   assert all(np.isfinite(float(v)) for r in rows for v in r.values())
   # Stopped at 3 (one full interval, one cut short), then resumed to 5.
   assert [int(r["step"]) for r in history("b")] == [2, 3, 5]
+  assert "step 5/5 (2 steps in" in caplog.text
+  # TensorBoard: each interval's training and validation metrics and every
+  # step's loss, at the run's step: the resumed run extends the curves.
+  logs = tmp_path / "b" / "run" / "logs"
+  train_tags = _scalars(logs / "train")
+  valid_tags = _scalars(logs / "validation")
+  for tag in ("epoch_loss", "epoch_bits_per_byte", "epoch_learning_rate"):
+    assert train_tags[tag] == [2, 3, 5], tag
+  for tag in ("epoch_loss", "epoch_bits_per_byte"):
+    assert valid_tags[tag] == [2, 3, 5], tag
+  assert train_tags["batch_loss"] == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_writes_a_checkpoint(tmp_path, corpus):
@@ -149,7 +177,7 @@ def test_sigterm_writes_a_checkpoint(tmp_path, corpus):
   seen = []
   for line in proc.stdout:  # wait until training is under way
     seen.append(line)
-    if "step 2: loss" in line:
+    if "step 2/100000: loss" in line:
       break
   proc.terminate()
   out = "".join(seen) + proc.communicate(timeout=120)[0]
@@ -225,6 +253,27 @@ def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path,
     train.held_out_file_starts(config_lib.DataConfig(kind="cifar10"), valid)
 
 
+def test_log_lines_are_printed_once():
+  # The trainer's logger and TensorFlow's each print through their own
+  # handler and do not propagate: a root handler (which any module-level
+  # logging.info() call installs) would print their lines a second time.
+  script = textwrap.dedent("""
+      import logging
+      from st_keras import train
+      import tensorflow as tf
+      train.configure_logging()
+      logging.info("a library's module-level call adds a root handler")
+      tf.get_logger().warning("from tensorflow")
+      logging.getLogger("st_keras.train").info("from the trainer")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  err = result.stderr
+  assert err.count("from tensorflow") == 1, err[-2000:]
+  assert err.count("from the trainer") == 1, err[-2000:]
+
+
 def test_strategy_choice(monkeypatch):
   import tensorflow as tf
   from st_keras import train
@@ -284,6 +333,10 @@ def test_multi_worker_on_localhost(tmp_path, corpus):
     assert p.returncode == 0, out[-3000:]
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["steps"] == 2
+  # The chief's TensorBoard scalars, at the run's step.
+  assert _scalars(tmp_path / "run" / "logs" / "train")["epoch_loss"] == [2]
+  assert _scalars(tmp_path / "run" / "logs" / "validation")[
+      "epoch_bits_per_byte"] == [2]
   assert os.path.isdir(tmp_path / "run" / "checkpoints")
   other = json.loads((tmp_path / "run" / "workers" / "worker_1" /
                       "summary.json").read_text())

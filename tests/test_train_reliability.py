@@ -128,7 +128,7 @@ def test_kill_9_and_a_damaged_checkpoint_resume_to_the_same_weights(
   seen = []
   for line in proc.stdout:
     seen.append(line)
-    if f"step {resumed + 2 * EVERY + 1}: loss" in line:
+    if f"step {resumed + 2 * EVERY + 1}/{STEPS}: loss" in line:
       break
   with pytest.raises(run_dir.RunDirectoryError, match="in use by another"):
     train.train(config_lib.from_dict(raw))

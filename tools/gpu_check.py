@@ -45,8 +45,9 @@ from custom_ops.triton import launch  # pylint: disable=wrong-import-position
 
 
 def _load_layouts():
-  """st_keras/layouts.py by path: the st_keras package imports TensorFlow,
-  which the GPU machine does not have; layouts.py needs numpy only."""
+  """st_keras/layouts.py by path (numpy only): the st_keras package imports
+  TensorFlow where it is installed, as in the CPU dry run, and Triton
+  aborts when it is imported beside TensorFlow."""
   spec = importlib.util.spec_from_file_location(
       "st_keras_layouts", os.path.join(REPO, "st_keras", "layouts.py"))
   module = importlib.util.module_from_spec(spec)

@@ -116,12 +116,13 @@ class SparseTransformerBlock(keras.layers.Layer):
       seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
     else:
       seed = tf.zeros([2], tf.int32)
-    branches = functools.partial(self._branches, rate=rate)
+    # The seed is bound here, not passed: recompute_grad watches every
+    # argument, and an int32 one makes it warn "The dtype of the watched
+    # tensor must be floating" at every step.
+    branches = functools.partial(self._branches, seed=seed, rate=rate)
     if self.recompute and training:
-      # Positional arguments only: keyword tensors break recompute_grad in
-      # graph mode.
-      return x + tf.recompute_grad(branches)(x, seed)
-    return x + branches(x, seed)
+      return x + tf.recompute_grad(branches)(x)
+    return x + branches(x)
 
   def decode_step(self, x, position, cache: tuple, attended: tuple):
     """The block at one new position (inference: no dropout).

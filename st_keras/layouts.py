@@ -437,6 +437,18 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
   return Layout(seq_len, block_size, num_heads, [comp], name=name)
 
 
+def _ranges(starts: np.ndarray, stops: np.ndarray):
+  """The ranges [starts[i], stops[i]) concatenated, vectorised.
+
+  Returns:
+    (owner, value), int64: entry e is value[e] of range owner[e].
+  """
+  counts = stops - starts
+  owner = np.repeat(np.arange(counts.shape[0]), counts)
+  first = np.repeat(np.cumsum(counts) - counts, counts)  # each range's start
+  return owner, starts[owner] + np.arange(owner.shape[0]) - first
+
+
 def _summary_component(seq_len, block_size, stride, summary, num_heads,
                        num_patterns, own_window) -> Component:
   """A2 of the causal fixed pattern with the summary tokens in front.
@@ -474,19 +486,15 @@ def _summary_component(seq_len, block_size, stride, summary, num_heads,
     prefix = prefix.reshape(nb, bs)  # (nb, bs) per query block
     full = prefix.min(axis=1) // bs  # key blocks [0, full) are full tiles
     end = -(-prefix.max(axis=1) // bs)  # partial tiles in [full, end)
-    qb = [np.repeat(np.arange(nb), full)]
-    kb = [np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full)]
-    rows_left = np.repeat(np.arange(nb), end - full)  # (partial tiles,)
-    part_kb = np.arange(rows_left.shape[0]) - np.repeat(
-        np.cumsum(end - full) - (end - full), end - full) + full[rows_left]
+    full_qb, full_kb = _ranges(np.zeros(nb, np.int64), full)
+    part_qb, part_kb = _ranges(full, end)
     # (partial, bs) keys of the tile attended by each query row
-    reach = np.clip(prefix[rows_left] - part_kb[:, None] * bs, 0, bs)
+    reach = np.clip(prefix[part_qb] - part_kb[:, None] * bs, 0, bs)
     shapes, mask_of = np.unique(reach, axis=0, return_inverse=True)
     masks = [np.arange(bs)[None, :] < row[:, None] for row in shapes]
-    qb.append(rows_left)
-    kb.append(part_kb)
-    tiles = Tiles(np.concatenate(qb), np.concatenate(kb),
-                  np.concatenate([np.full(full.sum(), -1),
+    tiles = Tiles(np.concatenate([full_qb, part_qb]),
+                  np.concatenate([full_kb, part_kb]),
+                  np.concatenate([np.full(full_qb.shape[0], -1),
                                   mask_of.reshape(-1)]), masks)
     perms[slot], heads_tiles[slot] = perm, tiles
   slots = [h % num_patterns for h in range(num_heads)]

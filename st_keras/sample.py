@@ -338,10 +338,13 @@ def _prompt(args, model, kind: str) -> np.ndarray:
       data = np.frombuffer(f.read(), np.uint8)
   else:
     data = np.frombuffer(args.prompt.encode("utf-8"), np.uint8)
-  if data.size == 0 and kind in IMAGE_KINDS:
-    data = np.array([windows.START_BYTE], np.uint8)
-  elif data.size == 0:
-    data = np.array([audio.SILENCE if kind == "audio" else 0], np.uint8)
+  if data.size == 0:  # the kind's own start
+    start = 0
+    if kind in IMAGE_KINDS:
+      start = windows.START_BYTE
+    elif kind == "audio":
+      start = audio.SILENCE
+    data = np.array([start], np.uint8)
   return np.tile(data[None], (args.batch, 1))
 
 

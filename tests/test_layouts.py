@@ -48,6 +48,21 @@ def test_strided_equals_formula(n, bs, l, heads, part, causal):
   assert lay.num_pairs() == int(want.sum())
 
 
+@pytest.mark.parametrize("block,heads,patterns,bound", [
+    (64, 2, 1, 1.15), (128, 3, 3, 1.3)])  # original order: 1.94, 3.77
+def test_fixed_summary_narrower_than_a_tile_is_not_computed_half_empty(
+    block, heads, patterns, bound):
+  # c = 32 is half (or a quarter) of a tile: in original order every
+  # summary tile would be computed whole (about 1.9 pairs per attended
+  # pair at block 64); with the summary tokens gathered in front, queries
+  # attend prefixes of full tiles.
+  lay = layouts.fixed(4096, block, stride=128, summary=32, num_heads=heads,
+                      num_summary_patterns=patterns)
+  assert len(lay.components) == 2 and lay.components[1].perm is not None
+  computed = sum(c.nnz for c in lay.components) * block * block
+  assert computed / lay.num_pairs() < bound
+
+
 def test_strided_stride_part_is_dense_tiles_in_transposed_order():
   # The stride part must not be computed as one key in every l inside dense
   # tiles: in the kernel's (transposed) order the tiles it computes are at

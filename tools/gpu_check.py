@@ -149,16 +149,16 @@ class CAbi:
                          device=q.device)
     out, dout = (x.to(q.dtype).contiguous() for x in (out, dout))
     dlse, stats = dlse.float().contiguous(), stats.contiguous()
-    delta = torch.empty(batch, heads, n, dtype=torch.float32,
-                        device=q.device)
-    accumulate = grads is not None
+    accumulate = grads is not None  # then delta is the earlier call's
     if grads is None:
-      grads = tuple(torch.empty_like(q) for _ in range(3))
+      grads = tuple(torch.empty_like(q) for _ in range(3)) + (
+          torch.empty(batch * heads * n, dtype=torch.float32,
+                      device=q.device),)
     self._check(self.lib.backward(
         self._problem(q, tables, scale, key_lengths, original_order,
                       accumulate),
-        *(x.data_ptr() for x in (q, k, v, out, stats, dout, dlse, delta,
-                                 *grads)), self._stream()))
+        *(x.data_ptr() for x in (q, k, v, out, stats, dout, dlse, grads[3],
+                                 *grads[:3])), self._stream()))
     return grads
 
 

@@ -191,6 +191,40 @@ def _block_rows(KeyPositions, h, block, n, has_key_lengths, has_key_positions,
 
 
 @triton.jit
+def _key_length(KeyLengths, b, n, has_key_lengths):
+  """Keys at original positions >= this are masked for example b (n: none)."""
+  key_length = n
+  if has_key_lengths != 0:
+    key_length = tl.load(KeyLengths + b)
+  return key_length
+
+
+@triton.jit
+def _row_offsets(rows, HEAD_DIM: tl.constexpr):
+  """(BLOCK, HEAD_DIM) offsets of `rows` in a contiguous [rows, D] tensor."""
+  return rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _and_tile_mask(allowed, Masks, mask_id, transposed: tl.constexpr,
+                   BLOCK: tl.constexpr):
+  """allowed & the tile's token mask (mask_id -1: a full tile, unchanged).
+
+  The masks are indexed [query][key]; `transposed` reads them [key][query],
+  for the tiles of the dK/dV kernel.
+  """
+  if mask_id >= 0:
+    offs = tl.arange(0, BLOCK)
+    if transposed:
+      cells = offs[None, :] * BLOCK + offs[:, None]
+    else:
+      cells = offs[:, None] * BLOCK + offs[None, :]
+    tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) + cells)
+    allowed = allowed & (tile != 0)
+  return allowed
+
+
+@triton.jit
 def bsa_forward(Q, K, V, Out, Lse, Stats,
                 RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
                 scale, n, num_heads, has_key_lengths, has_key_positions,
@@ -211,7 +245,6 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   h = bh % num_heads
   nb = n // BLOCK
   offs_m = tl.arange(0, BLOCK)
-  offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
   K += head * HEAD_DIM
@@ -222,10 +255,8 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
-  q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-  key_length = n
-  if has_key_lengths != 0:
-    key_length = tl.load(KeyLengths + b)
+  q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
+  key_length = _key_length(KeyLengths, b, n, has_key_lengths)
 
   m_i = tl.full([BLOCK], float("-inf"), tl.float32)
   l_i = tl.zeros([BLOCK], tl.float32)
@@ -233,7 +264,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   if accumulate != 0:  # (m, log l) and out = acc / l of the earlier parts
     m_i = tl.load(Stats + 2 * rows)
     l_i = tl.exp(tl.load(Stats + 2 * rows + 1))
-    acc = tl.load(Out + rows[:, None] * HEAD_DIM + offs_d[None, :]).to(
+    acc = tl.load(Out + _row_offsets(rows, HEAD_DIM)).to(
         tl.float32) * l_i[:, None]
   start = tl.load(RowPtr + h * nb + r)
   end = tl.load(RowPtr + h * nb + r + 1)
@@ -242,14 +273,11 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
     positions, keys = _block_rows(KeyPositions, h, key_block, n,
                                   has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
-    k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    allowed = (offs_m < BLOCK)[:, None] & (positions < key_length)[None, :]
-    mask_id = tl.load(MaskIdx + t)
-    if mask_id >= 0:
-      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[:, None] * BLOCK + offs_m[None, :])
-      allowed = allowed & (tile != 0)  # (BLOCK, BLOCK) [query, key]
+    k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+    v = tl.load(V + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+    allowed = _and_tile_mask(  # (BLOCK, BLOCK) [query, key]
+        (offs_m < BLOCK)[:, None] & (positions < key_length)[None, :],
+        Masks, tl.load(MaskIdx + t), False, BLOCK)
     s = tl.where(allowed, _scores(q, tl.trans(k), scale), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK,)
     # Rows that attended nothing yet keep m = -inf; shift them by 0 so that
@@ -264,8 +292,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   # l = 0: the row attended nothing (out 0, lse and stats -inf).
   out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # (BLOCK, D)
   log_l = tl.log(l_i)
-  tl.store(Out + rows[:, None] * HEAD_DIM + offs_d[None, :],
-           out.to(Out.dtype.element_ty))
+  tl.store(Out + _row_offsets(rows, HEAD_DIM), out.to(Out.dtype.element_ty))
   tl.store(Lse + rows, m_i + log_l)
   tl.store(Stats + 2 * rows, m_i)
   tl.store(Stats + 2 * rows + 1, log_l)
@@ -280,8 +307,7 @@ def bsa_backward_delta(Out, DOut, DLse, Delta, rows,
   """
   row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
   ok = row < rows
-  offs_d = tl.arange(0, HEAD_DIM)
-  offsets = row[:, None] * HEAD_DIM + offs_d[None, :]  # (ROWS, D)
+  offsets = _row_offsets(row, HEAD_DIM)  # (ROWS, D)
   out = tl.load(Out + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
   dout = tl.load(DOut + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
   dlse = tl.load(DLse + row, mask=ok, other=0.0)
@@ -306,8 +332,6 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   b = bh // num_heads
   h = bh % num_heads
   nb = n // BLOCK
-  offs_m = tl.arange(0, BLOCK)
-  offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
   K += head * HEAD_DIM
@@ -320,12 +344,10 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   positions, keys = _block_rows(KeyPositions, h, c, n, has_key_lengths,
                                 has_key_positions, original_order,
                                 BLOCK)  # (BLOCK,) key rows
-  k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-  v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-  key_length = n
-  if has_key_lengths != 0:
-    key_length = tl.load(KeyLengths + b)
-  valid = positions < key_length  # (BLOCK,) keys within the key length
+  k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+  v = tl.load(V + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+  # (BLOCK,) keys within the key length
+  valid = positions < _key_length(KeyLengths, b, n, has_key_lengths)
 
   dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
@@ -335,18 +357,15 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
     _, rows = _block_rows(KeyPositions, h, tl.load(RowIdx + t), n,
                           has_key_lengths, has_key_positions, original_order,
                           BLOCK)
-    q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
+    dout = tl.load(DOut + _row_offsets(rows, HEAD_DIM))
     m = tl.load(Stats + 2 * rows)  # (BLOCK,) per query
     log_l = tl.load(Stats + 2 * rows + 1)
     delta = tl.load(Delta + rows)
     # Rows with log l = -inf attended nothing: p = 0.
-    allowed = valid[:, None] & (log_l != float("-inf"))[None, :]
-    mask_id = tl.load(ColMaskIdx + t)
-    if mask_id >= 0:  # the tile's mask, read transposed: [key, query]
-      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[None, :] * BLOCK + offs_m[:, None])
-      allowed = allowed & (tile != 0)
+    allowed = _and_tile_mask(  # (BLOCK, BLOCK) [key, query]
+        valid[:, None] & (log_l != float("-inf"))[None, :], Masks,
+        tl.load(ColMaskIdx + t), True, BLOCK)
     s_t = _scores(k, tl.trans(q), scale)  # (BLOCK, BLOCK) [key, query]
     p_t = tl.where(allowed,
                    tl.exp((s_t - m[None, :]) - log_l[None, :]), 0.0)
@@ -355,7 +374,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
     ds_t = tl.where(allowed, p_t * (dp_t - delta[None, :]) * scale, 0.0)
     dk = _dot(ds_t.to(q.dtype), q, dk)  # (BLOCK, D)
 
-  offsets = keys[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK, D)
+  offsets = _row_offsets(keys, HEAD_DIM)  # (BLOCK, D)
   if accumulate != 0:
     dk += tl.load(DK + offsets).to(tl.float32)
     dv += tl.load(DV + offsets).to(tl.float32)
@@ -380,8 +399,6 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   b = bh // num_heads
   h = bh % num_heads
   nb = n // BLOCK
-  offs_m = tl.arange(0, BLOCK)
-  offs_d = tl.arange(0, HEAD_DIM)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
   K += head * HEAD_DIM
@@ -393,15 +410,13 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
-  q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-  dout = tl.load(DOut + rows[:, None] * HEAD_DIM + offs_d[None, :])
+  q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
+  dout = tl.load(DOut + _row_offsets(rows, HEAD_DIM))
   m = tl.load(Stats + 2 * rows)  # (BLOCK,)
   log_l = tl.load(Stats + 2 * rows + 1)
   delta = tl.load(Delta + rows)
   attends = log_l != float("-inf")  # rows with log l = -inf: p = 0
-  key_length = n
-  if has_key_lengths != 0:
-    key_length = tl.load(KeyLengths + b)
+  key_length = _key_length(KeyLengths, b, n, has_key_lengths)
 
   dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   start = tl.load(RowPtr + h * nb + r)
@@ -410,21 +425,18 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
     positions, keys = _block_rows(KeyPositions, h, tl.load(ColIdx + t), n,
                                   has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
-    k = tl.load(K + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    v = tl.load(V + keys[:, None] * HEAD_DIM + offs_d[None, :])  # (BLOCK, D)
-    allowed = attends[:, None] & (positions < key_length)[None, :]
-    mask_id = tl.load(MaskIdx + t)
-    if mask_id >= 0:
-      tile = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK * BLOCK) +
-                     offs_m[:, None] * BLOCK + offs_m[None, :])
-      allowed = allowed & (tile != 0)  # (BLOCK, BLOCK) [query, key]
+    k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+    v = tl.load(V + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
+    allowed = _and_tile_mask(  # (BLOCK, BLOCK) [query, key]
+        attends[:, None] & (positions < key_length)[None, :], Masks,
+        tl.load(MaskIdx + t), False, BLOCK)
     s = _scores(q, tl.trans(k), scale)
     p = tl.where(allowed, tl.exp((s - m[:, None]) - log_l[:, None]), 0.0)
     dp = _dot(dout, tl.trans(v), tl.zeros([BLOCK, BLOCK], tl.float32))
     ds = tl.where(allowed, p * (dp - delta[:, None]) * scale, 0.0)
     dq = _dot(ds.to(k.dtype), k, dq)  # (BLOCK, D)
 
-  offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK, D)
+  offsets = _row_offsets(rows, HEAD_DIM)  # (BLOCK, D)
   if accumulate != 0:
     dq += tl.load(DQ + offsets).to(tl.float32)
   tl.store(DQ + offsets, dq.to(DQ.dtype.element_ty))

@@ -247,7 +247,8 @@ def forward(q, k, v, tables: dict, scale: float, key_lengths=None,
 
 def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
              key_lengths=None, original_order: bool = False, grads=None):
-  """Gradients of one component: launches the delta, dK/dV and dQ kernels.
+  """Gradients of one component: launches the delta, dK/dV and dQ kernels
+  (the delta kernel only for the first component of a layout).
 
   Args:
     q: [B, H, n, D] as given to `forward`.
@@ -262,10 +263,13 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
     scale: the forward's scale.
     key_lengths: the forward's key_lengths.
     original_order: as in `forward`.
-    grads: None, or (dq, dk, dv) of earlier components, added to in place.
+    grads: None, or what this function returned for an earlier component
+      of the layout (same out, dout and dlse): its dq, dk, dv are added to
+      in place, and its delta is used as it is.
 
   Returns:
-    (dq, dk, dv), each [B, H, n, D] in q's dtype.
+    (dq, dk, dv, delta): the gradients, each [B, H, n, D] in q's dtype, and
+    delta = rowsum(dout * out) - dlse, [B * H * n] float32.
   """
   batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
                                                         key_lengths)
@@ -283,21 +287,20 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
     raise ValueError(f"dlse must have shape {(batch, heads, n)}, got "
                      f"{tuple(dlse.shape)}")
   flags = _io_flags(tables, original_order, grads is not None)
-  if grads is None:
-    grads = tuple(torch.empty_like(q) for _ in range(3))  # (B, H, n, D)
-  else:
-    _check_results("grads", grads, (shape4,) * 3, q.device)
-  out = out.to(q.dtype).contiguous()
-  dout = dout.to(q.dtype).contiguous()
-  dlse = dlse.to(torch.float32).contiguous()
-  stats = stats.contiguous()
   rows = batch * heads * n
-  delta = torch.empty(rows, dtype=torch.float32, device=q.device)
-  kernels.bsa_backward_delta[(triton.cdiv(rows, kernels.DELTA_ROWS),)](
-      out, dout, dlse, delta, rows, HEAD_DIM=head_dim,
-      ROWS=kernels.DELTA_ROWS,
-      **_options("bsa_backward_delta", (head_dim, DTYPES[q.dtype])))
-  dq, dk, dv = grads
+  dout = dout.to(q.dtype).contiguous()
+  stats = stats.contiguous()
+  if grads is None:
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))  # (B, H, n, D)
+    delta = torch.empty(rows, dtype=torch.float32, device=q.device)
+    kernels.bsa_backward_delta[(triton.cdiv(rows, kernels.DELTA_ROWS),)](
+        out.to(q.dtype).contiguous(), dout,
+        dlse.to(torch.float32).contiguous(), delta, rows, HEAD_DIM=head_dim,
+        ROWS=kernels.DELTA_ROWS,
+        **_options("bsa_backward_delta", (head_dim, DTYPES[q.dtype])))
+  else:
+    _check_results("grads", grads, (shape4,) * 3 + ((rows,),), q.device)
+    dq, dk, dv, delta = grads
   grid = (n // block, batch * heads)
   args = (float(scale), n, heads, int(key_lengths is not None),
           int(tables["key_positions"].numel() > 0), *flags)
@@ -313,7 +316,7 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
       tables["masks"], lengths, tables["key_positions"], *args,
       BLOCK=block, HEAD_DIM=head_dim,
       **_options("bsa_backward_dq", (block, head_dim, DTYPES[q.dtype])))
-  return dq, dk, dv
+  return dq, dk, dv, delta
 
 
 class LayoutAttention(torch.autograd.Function):
@@ -324,8 +327,8 @@ class LayoutAttention(torch.autograd.Function):
   kernels read and write original order (through each permuted component's
   permutation) and merge the components: the forward continues one online
   softmax component after component, the backward adds each component's
-  gradients, with the merged stats and delta. No permuted copies, no merge
-  pass. backend has this module's `forward` and `backward` (the kernels
+  gradients, with the merged stats and one delta. No permuted copies, no
+  merge pass. backend has this module's `forward` and `backward` (the kernels
   launched from Python) or the same functions over another launcher.
   """
 
@@ -352,7 +355,7 @@ class LayoutAttention(torch.autograd.Function):
           q, k, v, out, stats, dout, None, tables, ctx.scale,
           ctx.key_lengths,
           original_order=tables["key_positions"].numel() > 0, grads=grads)
-    return grads + (None,) * 4
+    return grads[:3] + (None,) * 4  # dq, dk, dv
 
 
 def _cached_tables(layout, device) -> list:

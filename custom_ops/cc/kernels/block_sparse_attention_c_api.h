@@ -45,7 +45,7 @@ typedef struct {
   int32_t original_order;
   /* Nonzero: the forward continues the softmax from out and stats (an
    * earlier component of the layout over the same rows), the backward adds
-   * to dq, dk and dv. */
+   * to dq, dk and dv and reads delta as the earlier call wrote it. */
   int32_t accumulate;
 } st_bsa_gpu_problem;
 
@@ -57,7 +57,8 @@ int st_bsa_gpu_forward(const st_bsa_gpu_problem* problem, const void* q,
 
 /* dq, dk, dv from the forward's inputs, out and stats and the upstream
  * gradients dout and dlse; delta is a [batch, heads, seq_len] float32
- * workspace. */
+ * workspace that receives rowsum(dout * out) - dlse (with accumulate, it
+ * holds it already). */
 int st_bsa_gpu_backward(const st_bsa_gpu_problem* problem, const void* q,
                         const void* k, const void* v, const void* out,
                         const float* stats, const void* dout,

@@ -467,9 +467,11 @@ std::string Backward(const BackwardArgs& a, void* stream) {
            std::to_string(a.shape.head_dim);
   }
   const int64_t bh = a.shape.batch * a.shape.heads;
-  error = Launch(kDeltaKernel, a.dtype, delta->block, a.shape.head_dim,
-                 (rows + delta->block - 1) / delta->block, 1,
-                 DeltaKernelArgs(a), stream);
+  if (!a.io.accumulate) {  // else delta holds the previous component's
+    error = Launch(kDeltaKernel, a.dtype, delta->block, a.shape.head_dim,
+                   (rows + delta->block - 1) / delta->block, 1,
+                   DeltaKernelArgs(a), stream);
+  }
   if (error.empty()) {
     error = Launch(kDkDvKernel, a.dtype, block, a.shape.head_dim,
                    a.layout.num_blocks, bh, DkDvKernelArgs(a), stream);

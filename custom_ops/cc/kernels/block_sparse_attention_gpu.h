@@ -29,7 +29,9 @@ struct ComponentIo {
   // the component's kernel order.
   bool original_order = false;
   // Forward: continue the softmax from out and stats (a previous component
-  // over the same rows), merging the two; backward: add to dq, dk, dv.
+  // over the same rows), merging the two; backward: add to dq, dk, dv, and
+  // take delta as the previous component's call left it (the same out,
+  // dout and dlse give the same delta).
   bool accumulate = false;
 };
 
@@ -58,7 +60,7 @@ struct BackwardArgs {
   const void* dout = nullptr;
   const float* stats = nullptr;  // from the forward pass
   const float* dlse = nullptr;
-  float* delta = nullptr;        // workspace: rowsum(dout * out) - dlse
+  float* delta = nullptr;  // rowsum(dout * out) - dlse, written (or read: io)
   void* dq = nullptr;            // overwritten (or added to: io)
   void* dk = nullptr;            // overwritten (or added to: io)
   void* dv = nullptr;            // overwritten (or added to: io)

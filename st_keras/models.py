@@ -64,23 +64,39 @@ def _check_sizes(**sizes) -> None:
                      f"block_size {block_size}")
 
 
+def bits_per_token(y_true, y_pred):
+  """Next-token cross-entropy in bits of logits y_pred for targets y_true.
+
+  Args:
+    y_true: (batch, n) int targets.
+    y_pred: (batch, n, vocab) logits.
+
+  Returns:
+    (batch, n) float32 bits.
+  """
+  nats = keras.losses.sparse_categorical_crossentropy(
+      y_true, tf.cast(y_pred, tf.float32), from_logits=True)
+  return nats / LN2
+
+
 @keras.saving.register_keras_serializable(package="st_keras")
-class BitsPerByte(keras.metrics.Mean):
+class BitsPerByte(keras.metrics.MeanMetricWrapper):
   """Mean next-token cross-entropy in bits (bits per byte, or per dim).
+
+  A weighted mean under sample weights or a Keras mask on the logits:
+  compiled as a weighted metric, it leaves out the padding a
+  `SparseTransformer` with a padding_token weighs 0, as the loss does.
 
   Args:
     name: metric name.
-    **kwargs: `keras.metrics.Mean` arguments.
+    dtype: the metric's dtype.
   """
 
-  def __init__(self, name: str = "bits_per_byte", **kwargs):
-    super().__init__(name=name, **kwargs)
+  def __init__(self, name: str = "bits_per_byte", dtype=None):
+    super().__init__(bits_per_token, name=name, dtype=dtype)
 
-  def update_state(self, y_true, y_pred, sample_weight=None):
-    """Accumulates the cross-entropy of logits y_pred for targets y_true."""
-    nats = keras.losses.sparse_categorical_crossentropy(
-        y_true, tf.cast(y_pred, tf.float32), from_logits=True)
-    return super().update_state(nats / LN2, sample_weight=sample_weight)
+  def get_config(self):
+    return {"name": self.name, "dtype": self.dtype}
 
 
 @keras.saving.register_keras_serializable(package="st_keras")
@@ -113,15 +129,27 @@ class SparseTransformer(keras.Model):
     recompute: recompute each block's activations in the backward pass.
     attention_implementation: 'auto', 'custom_op', 'pure_tf' or None.
     seed: seed of the dropout masks.
+    padding_token: None, or the token that right-pads a batch of documents
+      of different lengths: the trailing run of it in each row is padding.
+      `fit` and `evaluate` weigh the targets in each row's trailing run of
+      it 0 (as a Keras mask would), so the loss and `BitsPerByte` are means
+      over the real targets, whether the batch was padded before or after
+      shifting. Choose a token that does not end documents (e.g.
+      vocab_size=257, padding_token=256).
     **kwargs: `keras.Model` arguments (name, dtype, ...).
 
   Call arguments:
-    tokens: (batch, n') int tokens in 0..vocab_size - 1, n' <= n and a
-      multiple of block_size.
+    tokens: (batch, n') int tokens in 0..vocab_size - 1, n' <= n (any n';
+      inputs are padded internally to a multiple of block_size, or to n
+      when n' is not static).
     training: whether dropout and recomputation are active.
+    key_lengths: None or (batch,) ints: right padding, keys at positions
+      >= key_lengths[b] are ignored (with padding_token, the smaller of
+      the two lengths counts).
 
   Returns:
-    (batch, n', vocab_size) float32 logits.
+    (batch, n', vocab_size) float32 logits. Valid positions of a padded
+    batch get the logits each document gets alone.
 
   Raises:
     ValueError: (construction) a bad size argument, named.
@@ -140,7 +168,8 @@ class SparseTransformer(keras.Model):
                embedding_axes: Optional[Sequence[int]] = None,
                recompute: bool = False,
                attention_implementation: Optional[str] = None,
-               seed: Optional[int] = None, **kwargs):
+               seed: Optional[int] = None,
+               padding_token: Optional[int] = None, **kwargs):
     super().__init__(**kwargs)
     _check_sizes(seq_len=seq_len, width=width, num_layers=num_layers,
                  num_heads=num_heads, vocab_size=vocab_size,
@@ -149,6 +178,12 @@ class SparseTransformer(keras.Model):
     if pattern == "fixed" and summary_size > stride:
       raise ValueError(f"summary_size must be <= stride ({stride}) for the "
                        f"fixed pattern, got {summary_size}")
+    if padding_token is not None and (
+        isinstance(padding_token, bool) or
+        not isinstance(padding_token, int) or
+        not 0 <= padding_token < vocab_size):
+      raise ValueError(f"padding_token must be None or a token in "
+                       f"0..{vocab_size - 1}, got {padding_token!r}")
     self.seq_len = seq_len
     self.width = width
     self.num_layers = num_layers
@@ -168,6 +203,7 @@ class SparseTransformer(keras.Model):
     self.recompute = recompute
     self.attention_implementation = attention_implementation
     self.seed = seed
+    self.padding_token = padding_token
 
     self.token_embedding = keras.layers.Embedding(
         vocab_size, width, embeddings_initializer="random_normal",
@@ -200,18 +236,41 @@ class SparseTransformer(keras.Model):
     self.logits.build(shape)
     self.built = True
 
-  def call(self, tokens, training=False):
+  def call(self, tokens, training=False, key_lengths=None):
     if tokens.shape.rank != 2:
       raise ValueError(f"tokens must have shape (batch, n), got "
                        f"{tokens.shape}")
     if tokens.shape[1] is not None and tokens.shape[1] > self.seq_len:
       raise ValueError(f"{tokens.shape[1]} tokens exceed the context "
                        f"seq_len={self.seq_len}")
-    h = self.token_embedding(self._checked_tokens(tokens))  # (batch, n, width)
+    tokens = self._checked_tokens(tokens)
+    lengths = self._padding_lengths(tokens)
+    if key_lengths is not None:
+      key_lengths = tf.cast(key_lengths, tf.int32)
+      lengths = key_lengths if lengths is None else tf.minimum(lengths,
+                                                               key_lengths)
+    # The attention layouts' length: padded keys follow every valid query,
+    # so the causal layers need no key lengths for them.
+    tokens, n = attention_lib.pad_to_length(
+        tokens, 1, attention_lib.layout_length(
+            tokens.shape[1], self.block_size, self.seq_len),
+        f"tokens exceed the context seq_len={self.seq_len}")
+    h = self.token_embedding(tokens)  # (batch, length, width)
     h = self.position_embedding(h)
     for block in self.blocks:
-      h = block(h, training=training)
-    return self.logits(self.final_norm(h))    # (batch, n, vocab) float32
+      h = block(h, training=training, key_lengths=lengths)
+    logits = self.logits(self.final_norm(h))  # (batch, length, vocab) f32
+    return logits[:, :n]
+
+  def _padding_lengths(self, tokens):
+    """int32 (batch,): each row's length without its trailing run of
+    padding_token, or None without a padding_token."""
+    if self.padding_token is None:
+      return None
+    real = tf.not_equal(tokens, tf.cast(self.padding_token, tokens.dtype))
+    # (batch, n): 1 + index of the last real token, 0 for none
+    last = tf.cast(real, tf.int32) * tf.range(1, tf.shape(tokens)[1] + 1)
+    return tf.reduce_max(last, axis=1)
 
   def _checked_tokens(self, tokens):
     """`tokens` once they have passed a runtime check of their range.
@@ -298,11 +357,30 @@ class SparseTransformer(keras.Model):
       return logs
     return {k: tf.reshape(v, [1]) for k, v in logs.items()}
 
+  def _weigh_targets(self, data):
+    """(x, y, sample_weight) with the targets in each row's trailing run of
+    padding_token weighted 0 and the others total / valid, as Keras weighs
+    a mask: the loss, a mean over all positions, is the mean over the real
+    targets."""
+    if self.padding_token is None:
+      return data
+    x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
+    valid = tf.sequence_mask(self._padding_lengths(y), tf.shape(y)[1],
+                             dtype=tf.float32)  # (batch, n)
+    scale = tf.math.divide_no_nan(tf.cast(tf.size(valid), tf.float32),
+                                  tf.reduce_sum(valid))
+    valid = valid * scale
+    if weights is not None:
+      weights = tf.cast(weights, tf.float32)
+      valid = valid * (weights[:, None] if weights.shape.rank == 1 else
+                       weights)
+    return x, y, valid
+
   def train_step(self, data):
-    return self._worker_logs(super().train_step(data))
+    return self._worker_logs(super().train_step(self._weigh_targets(data)))
 
   def test_step(self, data):
-    return self._worker_logs(super().test_step(data))
+    return self._worker_logs(super().test_step(self._weigh_targets(data)))
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     """Builds the compiled metrics from one replica's first batch.
@@ -336,7 +414,7 @@ class SparseTransformer(keras.Model):
         "embedding_axes": list(self.embedding_axes),
         "recompute": self.recompute,
         "attention_implementation": self.attention_implementation,
-        "seed": self.seed,
+        "seed": self.seed, "padding_token": self.padding_token,
     }
 
   @classmethod
@@ -362,4 +440,4 @@ def compile_for_training(model: SparseTransformer, optimizer,
   model.compile(
       optimizer=optimizer,
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=[BitsPerByte(name=metric_name)], jit_compile=False)
+      weighted_metrics=[BitsPerByte(name=metric_name)], jit_compile=False)

@@ -16,9 +16,10 @@ IMPLS = ["custom_op", "pure_tf"]
 SMALL = dict(stride=32, summary=8, block_size=16)
 
 
-def _attention_reference(layer, x):
+def _attention_reference(layer, x, mask=None):
   """The layer's function in float64 numpy: projections from its weights,
-  dense masked softmax over layout.to_dense(), output projection."""
+  dense masked softmax over `mask` (default: layout.to_dense()), output
+  projection."""
   w = {v.path.split("/")[-2] + "/" + v.path.split("/")[-1]:
        np.asarray(v.numpy(), np.float64) for v in layer.weights}
   x = np.asarray(x, np.float64)
@@ -30,7 +31,8 @@ def _attention_reference(layer, x):
   # (batch, heads, n, dim): head h owns columns [h * dim, (h + 1) * dim)
   q, k, v = (t.reshape(*t.shape[:2], heads, -1).transpose(0, 2, 1, 3)
              for t in parts)
-  mask = layer.layout(x.shape[1]).to_dense()
+  if mask is None:
+    mask = layer.layout(x.shape[1]).to_dense()
   out, _ = reference.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
   out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1)
   return out @ w["output/kernel"] + w["output/bias"]
@@ -100,9 +102,10 @@ def test_attention_rejects_bad_shapes():
   layer = layers.SparseSelfAttention(3, **SMALL)
   with pytest.raises(ValueError, match="divisible by num_heads"):
     layer(tf.zeros([1, 32, 16]))
-  layer = layers.SparseSelfAttention(2, **SMALL)
-  with pytest.raises(ValueError, match="multiple of block_size"):
-    layer(tf.zeros([1, 40, 16]))
+  with pytest.raises(ValueError, match="max_length"):
+    layers.SparseSelfAttention(2, max_length=40, **SMALL)
+  with pytest.raises(ValueError, match="block_size"):
+    layers.SparseSelfAttention(2, stride=32, summary=8, block_size=24)
 
 
 def test_attention_marks_itself_not_jittable_with_the_custom_op():
@@ -248,3 +251,191 @@ def test_config_round_trip(make):
   restored = keras.saving.deserialize_keras_object(
       keras.saving.serialize_keras_object(layer))
   assert type(restored) is type(layer)
+
+
+# ----------------------------------------------------------------------------
+# SparseSelfAttention as a drop-in for keras.layers.MultiHeadAttention.
+
+
+def _pattern_mask(pattern, n, heads, causal):
+  """The paper's formulas at token level for SMALL's arguments."""
+  if pattern == "fixed":
+    return reference.fixed_mask(n, 32, 8, heads, 1, "both", causal)
+  return reference.strided_mask(n, 32, heads, "both", causal)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pattern", ["fixed", "strided"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_any_length_matches_the_patterns_formula(impl, pattern, causal):
+  # Lengths that are not multiples of the block are padded internally.
+  rng = np.random.default_rng(11)
+  layer = layers.SparseSelfAttention(2, pattern, implementation=impl,
+                                     causal=causal, **SMALL)
+  for n in (37, 64, 90):
+    x = rng.standard_normal((2, n, 16)).astype(np.float32)
+    got = layer(x).numpy()
+    want = _attention_reference(layer, x, _pattern_mask(pattern, n, 2,
+                                                        causal))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def _padding_cases():
+  """Ways of saying the same right padding: (name, call kwargs maker)."""
+  def masking(x, lengths):
+    mask = np.arange(x.shape[1])[None] < lengths[:, None]
+    return dict(query_mask=tf.constant(mask), value_mask=tf.constant(mask))
+
+  def attention_mask(x, lengths):
+    mask = np.arange(x.shape[1])[None] < lengths[:, None]
+    return dict(attention_mask=tf.constant(mask[:, None, :]))
+
+  def key_lengths(x, lengths):
+    del x
+    return dict(key_lengths=tf.constant(lengths, tf.int32))
+  return [masking, attention_mask, key_lengths]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padding", _padding_cases(),
+                         ids=lambda f: f.__name__)
+def test_padded_batch_matches_each_sequence_alone(impl, causal, padding):
+  rng = np.random.default_rng(12)
+  layer = layers.SparseSelfAttention(2, "strided", implementation=impl,
+                                     causal=causal, **SMALL)
+  lengths = np.array([80, 23, 64, 1])
+  x = rng.standard_normal((4, 80, 16)).astype(np.float32)
+  # The padding holds values that would change unmasked outputs.
+  x[np.arange(80)[None] >= lengths[:, None]] = 50.0
+  got = layer(x, x, **padding(x, lengths)).numpy()
+  for b, length in enumerate(lengths):
+    alone = layer(x[b:b + 1, :length]).numpy()[0]
+    np.testing.assert_allclose(got[b, :length], alone, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keras_masks_from_an_embedding_reach_the_attention(impl):
+  rng = np.random.default_rng(13)
+  tokens = keras.Input(shape=(None,), dtype="int32")
+  x = keras.layers.Embedding(40, 16, mask_zero=True)(tokens)
+  attention = layers.SparseSelfAttention(2, "fixed", implementation=impl,
+                                         causal=False, max_length=96,
+                                         **SMALL)
+  y = attention(x, x)
+  model = keras.Model(tokens, y)
+  ids = rng.integers(1, 40, (3, 50)).astype(np.int32)
+  lengths = np.array([50, 17, 33])
+  ids[np.arange(50)[None] >= lengths[:, None]] = 0
+  got = model(ids).numpy()
+  for b, length in enumerate(lengths):
+    alone = model(ids[b:b + 1, :length]).numpy()[0]
+    np.testing.assert_allclose(got[b, :length], alone, rtol=1e-5,
+                               atol=1e-5)
+  # The input's mask is passed on, as MultiHeadAttention passes it on.
+  embedded = model.layers[1](ids)
+  out = attention(embedded, embedded)
+  np.testing.assert_array_equal(out._keras_mask.numpy(), ids != 0)  # pylint: disable=protected-access
+
+
+def _classifier(attention):
+  """Embedding (mask_zero) -> self-attention -> masked mean -> logits."""
+  tokens = keras.Input(shape=(None,), dtype="int32")
+  x = keras.layers.Embedding(16, 16, mask_zero=True)(tokens)
+  x = x + attention(x, x)
+  x = keras.layers.GlobalAveragePooling1D()(x)
+  return keras.Model(tokens, keras.layers.Dense(2)(x))
+
+
+def test_replaces_multi_head_attention_in_a_functional_model():
+  # A task attention solves: is token 1 anywhere in the (padded) sequence?
+  rng = np.random.default_rng(14)
+  keras.utils.set_random_seed(14)
+  count = 256
+  lengths = rng.integers(5, 60, count)
+  ids = rng.integers(2, 16, (count, 64)).astype(np.int32)
+  labels = rng.integers(0, 2, count)
+  where = (rng.random(count) * lengths).astype(int)
+  ids[labels == 1, where[labels == 1]] = 1
+  ids[np.arange(64)[None] >= lengths[:, None]] = 0
+  rows = [row[:length] for row, length in zip(ids, lengths)]
+  data = tf.data.Dataset.from_generator(
+      lambda: zip(rows, labels), output_signature=(
+          tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int64)))
+  # Batches of different lengths: the model is traced with length None.
+  data = data.padded_batch(32).apply(
+      tf.data.experimental.assert_cardinality(count // 32))
+  results = {}
+  for name, attention in [
+      ("mha", keras.layers.MultiHeadAttention(2, 8)),
+      ("sparse", layers.SparseSelfAttention(2, "strided", causal=False,
+                                            max_length=64, **SMALL))]:
+    model = _classifier(attention)
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True), metrics=["accuracy"])
+    history = model.fit(data, epochs=8, verbose=0).history
+    results[name] = history
+    assert history["loss"][-1] < 0.5 * history["loss"][0], (name, history)
+  assert results["sparse"]["accuracy"][-1] > 0.9
+
+
+def test_use_causal_mask_selects_the_layout_per_call():
+  rng = np.random.default_rng(15)
+  layer = layers.SparseSelfAttention(2, "strided", causal=False, **SMALL)
+  x = rng.standard_normal((1, 64, 16)).astype(np.float32)
+  y = x.copy()
+  y[:, 40:] = rng.standard_normal(y[:, 40:].shape)
+  # Bidirectional: early positions see the changed later ones.
+  assert not np.allclose(layer(x).numpy()[:, :40], layer(y).numpy()[:, :40])
+  causal = [layer(t, t, use_causal_mask=True).numpy() for t in (x, y)]
+  np.testing.assert_allclose(causal[0][:, :40], causal[1][:, :40],
+                             rtol=1e-5, atol=1e-5)
+  want = _attention_reference(layer, x, _pattern_mask("strided", 64, 2,
+                                                      True))
+  np.testing.assert_allclose(causal[0], want, rtol=2e-4, atol=2e-4)
+
+
+def test_drop_in_call_errors_name_the_argument():
+  rng = np.random.default_rng(16)
+  layer = layers.SparseSelfAttention(2, **SMALL)
+  x = tf.constant(rng.standard_normal((2, 32, 16)), tf.float32)
+  with pytest.raises(ValueError, match="return_attention_scores"):
+    layer(x, x, return_attention_scores=True)
+  with pytest.raises(ValueError, match="value must be the query"):
+    layer(x, x[:, :16])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="key must hold"):
+    layer(x, x, key=x + 1.0)
+  with pytest.raises(ValueError, match="per-query"):
+    layer(x, attention_mask=tf.ones([2, 32, 32], tf.bool))
+  left_padding = np.arange(32)[None] >= np.array([[4], [0]])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="right padding"):
+    layer(x, attention_mask=left_padding)
+  with pytest.raises(ValueError, match="key_lengths"):
+    layer(x, key_lengths=tf.constant([[3]]))
+  with pytest.raises(ValueError, match="causal=True"):
+    layers.SparseSelfAttention(2, causal=False, **SMALL).initial_cache(1, 64)
+
+
+def test_unknown_length_needs_max_length():
+  layer = layers.SparseSelfAttention(2, **SMALL)
+  spec = tf.TensorSpec([None, None, 16], tf.float32)
+  with pytest.raises(ValueError, match="max_length="):
+    tf.function(layer, input_signature=[spec]).get_concrete_function()
+  bounded = layers.SparseSelfAttention(2, max_length=64, **SMALL)
+  run = tf.function(bounded, input_signature=[spec])
+  rng = np.random.default_rng(17)
+  x = rng.standard_normal((2, 45, 16)).astype(np.float32)
+  np.testing.assert_allclose(run(x).numpy(), bounded(x).numpy(), rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="max_length"):
+    run(rng.standard_normal((1, 80, 16)).astype(np.float32))
+  with pytest.raises(ValueError, match="exceeds max_length"):
+    bounded(tf.zeros([1, 80, 16]))
+
+
+def test_attention_config_round_trip_keeps_causal_and_max_length():
+  layer = layers.SparseSelfAttention(2, causal=False, max_length=64, **SMALL)
+  clone = layers.SparseSelfAttention.from_config(layer.get_config())
+  assert (clone.causal, clone.max_length) == (False, 64)

@@ -150,6 +150,8 @@ def test_mixed_precision_training_step_is_finite(policy):
     (dict(width=0), "width"),
     (dict(integration="stacked"), "integration"),
     (dict(pattern="diagonal"), "pattern"),
+    (dict(padding_token=256), "padding_token"),
+    (dict(padding_token=True), "padding_token"),
 ])
 def test_model_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -160,3 +162,79 @@ def test_model_rejects_too_many_tokens():
   model = _model()
   with pytest.raises(ValueError, match="exceed the context"):
     model(np.zeros((1, 80), np.int32))
+
+
+def _documents(rng, lengths, n=64, padding_token=0):
+  """Documents of `lengths` tokens (none is padding_token), right-padded."""
+  docs = [rng.integers(1, 256, length).astype(np.int32) for length in lengths]
+  batch = np.full((len(docs), n), padding_token, np.int32)
+  for row, doc in zip(batch, docs):
+    row[:doc.shape[0]] = doc
+  return docs, batch
+
+
+@pytest.mark.parametrize("impl", ["custom_op", "pure_tf"])
+@pytest.mark.parametrize("pattern", ["fixed", "strided"])
+def test_padded_documents_get_the_logits_they_get_alone(impl, pattern):
+  rng = np.random.default_rng(21)
+  model = _model(pattern=pattern, padding_token=0,
+                 attention_implementation=impl)
+  docs, batch = _documents(rng, [64, 23, 40, 1])
+  by_token = model(batch).numpy()
+  by_length = _model(pattern=pattern, attention_implementation=impl)
+  by_length.build()
+  by_length.set_weights(model.get_weights())
+  lengths = tf.constant([d.shape[0] for d in docs], tf.int32)
+  by_lengths = by_length(batch, key_lengths=lengths).numpy()
+  for b, doc in enumerate(docs):
+    alone = model(doc[None]).numpy()[0]  # any length: padded internally
+    assert alone.shape == (doc.shape[0], 256)
+    np.testing.assert_allclose(by_token[b, :doc.shape[0]], alone, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(by_lengths[b, :doc.shape[0]], alone,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_loss_and_bits_leave_the_padding_out():
+  rng = np.random.default_rng(22)
+  model = _model(padding_token=0)
+  models.compile_for_training(model, keras.optimizers.Adam(1e-3))
+  docs, batch = _documents(rng, [65, 30, 9], n=65)
+  targets = np.array([d.shape[0] - 1 for d in docs])
+  # Pad then shift (x keeps each document's last token), and shift then pad.
+  shifted = np.zeros((3, 2, 64), np.int32)
+  for b, doc in enumerate(docs):
+    shifted[b, :, :targets[b]] = doc[:-1], doc[1:]
+  for x, y in [(batch[:, :-1], batch[:, 1:]),
+               (shifted[:, 0], shifted[:, 1])]:
+    got = model.evaluate(x, y, verbose=0, return_dict=True)
+    logits = model(x).numpy().astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
+    valid = np.arange(64)[None] < targets[:, None]
+    want = nats[valid].mean()
+    assert not np.isclose(nats.mean(), want, rtol=1e-3)  # padding counts
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-4)
+    np.testing.assert_allclose(got["bits_per_byte"], want / math.log(2),
+                               rtol=1e-4)
+
+
+def test_fit_on_batches_of_different_lengths():
+  # padded_batch gives each batch its own length: Keras traces the step
+  # with length None, and the model pads to its context.
+  rng = np.random.default_rng(23)
+  docs = [rng.integers(1, 256, length).astype(np.int32)
+          for length in rng.integers(5, 65, 12)]
+  data = tf.data.Dataset.from_generator(
+      lambda: ((d[:-1], d[1:]) for d in docs), output_signature=(
+          tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)))
+  data = data.padded_batch(3).apply(
+      tf.data.experimental.assert_cardinality(4))
+  model = _model(padding_token=0)
+  models.compile_for_training(model, keras.optimizers.Adam(1e-3))
+  history = model.fit(data, epochs=2, verbose=0).history
+  assert np.isfinite(history["loss"]).all()
+  # The traced (length None) function and the eager model agree.
+  x, _ = next(iter(data))
+  np.testing.assert_allclose(model.predict_on_batch(x), model(x).numpy(),
+                             rtol=1e-4, atol=1e-4)

@@ -36,7 +36,8 @@ def modes(pattern: str) -> tuple:
 @functools.lru_cache(maxsize=64)
 def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
                  block_size: int, stride: int, summary: int,
-                 num_summary_patterns: int) -> layouts.Layout:
+                 num_summary_patterns: int,
+                 causal: bool = True) -> layouts.Layout:
   """The layout one attention layer uses for `seq_len` tokens.
 
   Args:
@@ -51,20 +52,25 @@ def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
     stride: the paper's l.
     summary: the fixed pattern's c.
     num_summary_patterns: the fixed pattern's per-head summary slots.
+    causal: keys j <= i only (a decoder); False gives the pattern's
+      bidirectional form (an encoder).
 
   Returns:
-    A causal `layouts.Layout`.
+    A `layouts.Layout`.
   """
   if pattern == "dense":
-    return layouts.causal(seq_len, block_size, num_heads)
+    return (layouts.causal(seq_len, block_size, num_heads) if causal else
+            layouts.dense(seq_len, block_size, num_heads))
   if pattern == "local":
-    return layouts.local(seq_len, block_size, stride, num_heads)
+    return layouts.local(seq_len, block_size, stride, num_heads,
+                         causal=causal)
 
   def part_layout(part, heads):
     if pattern == "fixed":
       return layouts.fixed(seq_len, block_size, stride, summary, heads,
-                           num_summary_patterns, part=part)
-    return layouts.strided(seq_len, block_size, stride, heads, part=part)
+                           num_summary_patterns, part=part, causal=causal)
+    return layouts.strided(seq_len, block_size, stride, heads, part=part,
+                           causal=causal)
 
   if mode == "merged":
     return part_layout("both", num_heads)
@@ -76,13 +82,151 @@ def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
   return part_layout(mode, num_heads)
 
 
+def layout_length(length: Optional[int], block_size: int,
+                  max_length: Optional[int]) -> int:
+  """The sequence length a layout is built for.
+
+  Args:
+    length: the static length of the inputs, or None when it is only known
+      when the graph runs.
+    block_size: the layout's tile size.
+    max_length: the length to pad to when `length` is None.
+
+  Returns:
+    `length` rounded up to a multiple of block_size, or max_length.
+
+  Raises:
+    ValueError: length is None and max_length is None, or length exceeds
+      max_length.
+  """
+  if length is None:
+    if max_length is None:
+      raise ValueError(
+          "the sequence length is not known when the layer is traced (e.g. "
+          "Input(shape=(None, width)) under model.fit): give max_length= "
+          "to pad every batch to one layout, or feed batches whose length "
+          "is static")
+    return max_length
+  if max_length is not None and length > max_length:
+    raise ValueError(f"sequence length {length} exceeds max_length "
+                     f"{max_length}")
+  return -(-length // block_size) * block_size
+
+
+def pad_to_length(x, axis: int, length: int, message: str):
+  """Pads `x` with zeros along `axis` to a static `length`.
+
+  Args:
+    x: a tensor whose `axis` is at most `length` long.
+    axis: the axis to pad.
+    length: its length after padding.
+    message: the error when `axis` is longer (checked when run if the axis
+      is not static).
+
+  Returns:
+    (padded x, n): n is the original length, an int when static, else an
+    int32 scalar tensor.
+  """
+  n = x.shape[axis]
+  if n == length:
+    return x, n
+  if n is None:
+    n = tf.shape(x)[axis]
+    with tf.control_dependencies([tf.debugging.assert_less_equal(
+        n, length, message=message)]):
+      n = tf.identity(n)
+  pad = [[0, 0]] * x.shape.rank
+  pad[axis] = [0, length - n]
+  shape = x.shape.as_list()
+  shape[axis] = length
+  return tf.ensure_shape(tf.pad(x, pad), shape), n
+
+
+def _lengths_from_mask(mask, name: str):
+  """Per-example lengths of a right-padding mask.
+
+  Args:
+    mask: (batch, n) bool or 0/1: True for the first positions of each
+      example, then False.
+    name: the mask's name in the error message.
+
+  Returns:
+    int32 (batch,) number of True positions.
+
+  Raises:
+    tf.errors.InvalidArgumentError: (when run) a True follows a False (left
+      or inner padding).
+  """
+  mask = tf.cast(mask, tf.bool)
+  lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+  check = tf.debugging.assert_equal(
+      mask, tf.sequence_mask(lengths, tf.shape(mask)[1]),
+      message=f"{name} must be right padding: True for each example's "
+      "first positions, then False")
+  with tf.control_dependencies([check]):
+    return tf.identity(lengths)
+
+
+def _key_lengths(key_lengths, attention_mask, masks):
+  """The int32 (batch,) key lengths all the padding arguments agree on.
+
+  Args:
+    key_lengths: None or (batch,) ints.
+    attention_mask: None, (batch, S) or (batch, 1, S): a key-padding mask.
+    masks: Keras masks (batch, S) of the inputs, each None or a mask.
+
+  Returns:
+    int32 (batch,) or None when nothing pads.
+  """
+  found = []
+  if key_lengths is not None:
+    key_lengths = tf.convert_to_tensor(key_lengths)
+    if not key_lengths.dtype.is_integer or key_lengths.shape.rank != 1:
+      raise ValueError(f"key_lengths must be integers of shape (batch,), "
+                       f"got {key_lengths.dtype.name} {key_lengths.shape}")
+    found.append(tf.cast(key_lengths, tf.int32))
+  if attention_mask is not None:
+    attention_mask = tf.convert_to_tensor(attention_mask)
+    rank = attention_mask.shape.rank
+    if rank == 3 and attention_mask.shape[1] == 1:
+      attention_mask = attention_mask[:, 0]
+    elif rank != 2:
+      raise ValueError(
+          f"attention_mask must be a key-padding mask of shape (batch, S) "
+          f"or (batch, 1, S), got {attention_mask.shape}: the keys each "
+          f"query attends are the layout's pattern (st_keras.layouts), "
+          f"so a per-query (batch, T, S) mask cannot be honoured")
+    found.append(_lengths_from_mask(attention_mask, "attention_mask"))
+  # Keras passes the input's one mask as query_mask and value_mask alike.
+  distinct = {id(m): m for m in masks if m is not None}
+  found.extend(_lengths_from_mask(m, "the Keras mask")
+               for m in distinct.values())
+  if not found:
+    return None
+  return functools.reduce(tf.minimum, found)
+
+
 @keras.saving.register_keras_serializable(package="st_keras")
 class SparseSelfAttention(keras.layers.Layer):
-  """Causal multi-head self-attention restricted to a sparse pattern.
+  """Multi-head self-attention restricted to a sparse pattern.
 
   Projects the input to queries, keys and values, runs
   `st_keras.ops.block_sparse_attention` over the pattern's layout for the
-  input's length, and projects the heads back to the model width.
+  input's length, and projects the heads back to the model width. It takes
+  the call arguments of `keras.layers.MultiHeadAttention` for
+  self-attention, so it can replace that layer in a model.
+
+  Padding: Keras masks on the input (`Embedding(mask_zero=True)`,
+  `Masking`), a key-padding `attention_mask` and `key_lengths` all mark
+  right padding; the keys past each example's length are ignored, so the
+  valid positions of a padded batch get the outputs each sequence gets
+  alone. The input's Keras mask is passed on to the output.
+
+  Lengths: any length works. Inputs are padded internally to a multiple of
+  block_size (one cached layout per padded length), and to max_length when
+  the length is unknown when the layer is traced; the pattern of a shorter
+  sequence is the longer one's restricted to its tokens, so the result is
+  the same.
 
   Args:
     num_heads: attention heads.
@@ -91,25 +235,47 @@ class SparseSelfAttention(keras.layers.Layer):
     stride: the paper's l (also the window of the 'local' pattern).
     summary: the fixed pattern's c.
     num_summary_patterns: fixed-pattern summary slots across heads.
-    block_size: layout tile size; the sequence length must be a multiple.
+    block_size: layout tile size: 16, 32, 64 or 128.
     qk_ratio: width of the query and key projections relative to the model
       width (0.5: the half-size projections of the paper's CIFAR-10 run).
     output_initializer: initializer of the output projection W_p (the
       model scales it by sqrt(1 / (2 * num_layers))).
     implementation: 'auto', 'custom_op', 'pure_tf' or None (module-wide).
+    causal: attend keys j <= i only (a decoder; the default); False: the
+      pattern's bidirectional form (an encoder).
+    max_length: length (a multiple of block_size) that inputs of unknown
+      static length are padded to; None: such inputs are an error.
     **kwargs: `keras.layers.Layer` arguments (name, dtype, ...).
 
   Call arguments:
-    x: (batch, n, width) inputs.
+    query: (batch, n, width) inputs.
+    value: None or the query tensor itself (self-attention; a different
+      tensor must hold the same values, checked when run).
+    key: the same as value.
+    query_mask, value_mask, key_mask, mask: (batch, n) right-padding
+      masks; Keras fills them from the input's Keras mask.
+    attention_mask: (batch, n) or (batch, 1, n) key-padding mask (True:
+      attend). Per-query masks are refused: the pattern is the layout's.
+    key_lengths: (batch,) ints: keys at positions >= key_lengths[b] are
+      ignored for example b.
+    return_attention_scores: must be False (there is no dense score matrix).
+    training: accepted for the Keras signature (no dropout inside).
+    use_causal_mask: None: the layer's `causal`; True or False: the causal
+      or bidirectional layout for this call.
 
   Returns:
     (batch, n, width).
 
   Example:
-    >>> layer = SparseSelfAttention(num_heads=4, pattern="fixed",
-    ...                             stride=64, summary=16, block_size=16)
-    >>> layer(tf.random.normal([2, 256, 64])).shape
-    TensorShape([2, 256, 64])
+    >>> inputs = keras.Input(shape=(None,), dtype="int32")
+    >>> x = keras.layers.Embedding(256, 64, mask_zero=True)(inputs)
+    >>> layer = SparseSelfAttention(num_heads=4, pattern="fixed", stride=64,
+    ...                             summary=16, block_size=16, causal=False,
+    ...                             max_length=256)
+    >>> outputs = layer(x, x)  # where MultiHeadAttention(4, 16)(x, x) was
+    >>> model = keras.Model(inputs, outputs)
+    >>> model(tf.constant([[5, 6, 7, 0]])).shape
+    TensorShape([1, 4, 64])
   """
 
   def __init__(self, num_heads: int, pattern: str = "fixed",
@@ -117,7 +283,8 @@ class SparseSelfAttention(keras.layers.Layer):
                num_summary_patterns: int = 1, block_size: int = 32,
                qk_ratio: float = 1.0,
                output_initializer="glorot_uniform",
-               implementation: Optional[str] = None, **kwargs):
+               implementation: Optional[str] = None, causal: bool = True,
+               max_length: Optional[int] = None, **kwargs):
     super().__init__(**kwargs)
     if pattern not in PATTERNS:
       raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
@@ -130,6 +297,12 @@ class SparseSelfAttention(keras.layers.Layer):
       raise ValueError("mode='multihead' needs num_heads >= 2")
     if not 0.0 < qk_ratio <= 1.0:
       raise ValueError(f"qk_ratio must be in (0, 1], got {qk_ratio}")
+    if block_size not in layouts.SUPPORTED_BLOCK_SIZES:
+      raise ValueError(f"block_size must be one of "
+                       f"{layouts.SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if max_length is not None and (max_length < 1 or max_length % block_size):
+      raise ValueError(f"max_length must be a positive multiple of "
+                       f"block_size {block_size}, got {max_length!r}")
     if implementation is not None and (implementation
                                        not in ops.IMPLEMENTATIONS):
       raise ValueError(f"implementation must be one of "
@@ -145,10 +318,12 @@ class SparseSelfAttention(keras.layers.Layer):
     self.qk_ratio = qk_ratio
     self.output_initializer = keras.initializers.get(output_initializer)
     self.implementation = implementation
+    self.causal = bool(causal)
+    self.max_length = max_length
+    self.supports_masking = True
     # The fused op has no XLA kernel: Keras must not jit-compile this layer.
     self.supports_jit = ops.resolve_implementation(implementation) != (
         "custom_op")
-    self._layouts = {}
 
   def build(self, input_shape):
     width = input_shape[-1]
@@ -172,33 +347,80 @@ class SparseSelfAttention(keras.layers.Layer):
     self.output_dense.build(tuple(input_shape[:-1]) + (heads *
                                                        self.value_dim,))
 
-  def layout(self, seq_len: int) -> layouts.Layout:
-    """The (cached) layout for `seq_len` tokens."""
-    if seq_len not in self._layouts:
-      if seq_len % self.block_size:
-        raise ValueError(f"sequence length {seq_len} is not a multiple of "
-                         f"block_size {self.block_size}")
-      self._layouts[seq_len] = build_layout(
-          self.pattern, self.mode, seq_len, self.num_heads, self.block_size,
-          self.stride, self.summary, self.num_summary_patterns)
-    return self._layouts[seq_len]
+  def layout(self, seq_len: int,
+             causal: Optional[bool] = None) -> layouts.Layout:
+    """The layout for `seq_len` tokens (shared by layers of one config).
 
-  def call(self, x):
-    seq_len = x.shape[1]
-    if seq_len is None:
-      raise ValueError("the sequence axis must be known statically: the "
-                       "layout depends on it")
-    q, k, v = self._project(x)  # (batch, heads, n, dim) each
+    Args:
+      seq_len: a multiple of block_size.
+      causal: None for the layer's `causal`.
+
+    Returns:
+      A `layouts.Layout`.
+    """
+    if seq_len % self.block_size:
+      raise ValueError(f"sequence length {seq_len} is not a multiple of "
+                       f"block_size {self.block_size}")
+    return build_layout(
+        self.pattern, self.mode, seq_len, self.num_heads, self.block_size,
+        self.stride, self.summary, self.num_summary_patterns,
+        self.causal if causal is None else bool(causal))
+
+  def call(self, query, value=None, key=None, query_mask=None,
+           value_mask=None, key_mask=None, attention_mask=None,
+           key_lengths=None, return_attention_scores=False, training=None,
+           use_causal_mask=None, mask=None):
+    del training  # no dropout inside the attention
+    if return_attention_scores:
+      raise ValueError(
+          "return_attention_scores=True is not supported: the fused "
+          "block-sparse op never forms the attention matrix")
+    checks = [self._check_same(query, other, name)
+              for name, other in (("value", value), ("key", key))
+              if other is not None and other is not query]
+    causal = self.causal if use_causal_mask is None else bool(
+        use_causal_mask)
+    lengths = _key_lengths(key_lengths, attention_mask,
+                           (mask, query_mask, value_mask, key_mask))
+    length = layout_length(query.shape[1], self.block_size, self.max_length)
+    with tf.control_dependencies(checks):
+      q, k, v = self._project(query)  # (batch, heads, n, dim) each
     if self.key_dim != self.value_dim:
       # The op takes one head_dim: pad q and k with zeros (scores unchanged).
       pad = [[0, 0], [0, 0], [0, 0], [0, self.value_dim - self.key_dim]]
       q, k = tf.pad(q, pad), tf.pad(k, pad)
+    n = query.shape[1]
+    if n != length:
+      # Pad to the layout's length; the padded keys are masked out unless
+      # the layout is causal and nothing else pads (no valid query reaches
+      # them then).
+      message = f"sequence length exceeds max_length {length}"
+      (q, n), (k, _), (v, _) = (pad_to_length(t, 2, length, message)
+                                for t in (q, k, v))
+      if lengths is not None or not causal:
+        lengths = tf.fill([tf.shape(query)[0]], n) if lengths is None else (
+            tf.minimum(lengths, n))
     out = ops.block_sparse_attention(
-        q, k, v, self.layout(seq_len), scale=1.0 / math.sqrt(self.key_dim),
-        implementation=self.implementation)  # (batch, heads, n, value_dim)
-    out = tf.transpose(out, [0, 2, 1, 3])  # (batch, n, heads, value_dim)
+        q, k, v, self.layout(length, causal),
+        scale=1.0 / math.sqrt(self.key_dim), key_lengths=lengths,
+        implementation=self.implementation)  # (batch, heads, length, dim)
+    out = tf.transpose(out[:, :, :n], [0, 2, 1, 3])
+    # (batch, n, heads, value_dim)
     return self.output_dense(tf.reshape(
-        out, [-1, seq_len, self.num_heads * self.value_dim]))  # (b, n, width)
+        out, [tf.shape(query)[0], -1, self.num_heads * self.value_dim]))
+
+  @staticmethod
+  def _check_same(query, other, name: str):
+    """An op that fails when run unless `other` holds query's values."""
+    if not query.shape.is_compatible_with(other.shape):
+      raise ValueError(
+          f"SparseSelfAttention attends a sequence to itself: {name} must "
+          f"be the query (or None), got shapes {query.shape} and "
+          f"{other.shape}")
+    return tf.debugging.assert_equal(
+        query, tf.cast(other, query.dtype),
+        message=f"SparseSelfAttention attends a sequence to itself: {name} "
+        f"must hold the query's values (or be None)")
 
   def _project(self, x):
     """Queries, keys and values of x (batch, n, width).
@@ -206,12 +428,12 @@ class SparseSelfAttention(keras.layers.Layer):
     Returns:
       q, k: (batch, heads, n, key_dim); v: (batch, heads, n, value_dim).
     """
-    heads, n = self.num_heads, x.shape[1]
+    heads, batch = self.num_heads, tf.shape(x)[0]
     qkv = self.qkv(x)  # (batch, n, heads * (2 key_dim + value_dim))
     parts = tf.split(qkv, [heads * self.key_dim, heads * self.key_dim,
                            heads * self.value_dim], axis=-1)
     # (batch, n, heads * dim) -> (batch, heads, n, dim)
-    return tuple(tf.transpose(tf.reshape(t, [-1, n, heads, t.shape[-1] //
+    return tuple(tf.transpose(tf.reshape(t, [batch, -1, heads, t.shape[-1] //
                                              heads]), [0, 2, 1, 3])
                  for t in parts)
 
@@ -230,6 +452,8 @@ class SparseSelfAttention(keras.layers.Layer):
       (keys, values): `tf.TensorArray`s of seq_len entries.
     """
     del batch_size  # the entries' batch axis is set by the first write
+    if not self.causal:
+      raise ValueError("cached decoding needs a causal layer (causal=True)")
     self.layout(seq_len)  # checks seq_len
     return tuple(
         tf.TensorArray(tf.float32, size=seq_len, clear_after_read=False,
@@ -300,5 +524,6 @@ class SparseSelfAttention(keras.layers.Layer):
         block_size=self.block_size, qk_ratio=self.qk_ratio,
         output_initializer=keras.initializers.serialize(
             self.output_initializer),
-        implementation=self.implementation)
+        implementation=self.implementation, causal=self.causal,
+        max_length=self.max_length)
     return config

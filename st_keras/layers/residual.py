@@ -52,6 +52,8 @@ class SparseTransformerBlock(keras.layers.Layer):
   Call arguments:
     x: (batch, n, width).
     training: whether dropout and recomputation are active.
+    key_lengths: None or int32 (batch,): the attention ignores keys at
+      positions >= key_lengths[b] (right padding).
 
   Returns:
     (batch, n, width).
@@ -99,27 +101,29 @@ class SparseTransformerBlock(keras.layers.Layer):
       layer.build(input_shape)
     self.ff_out.build(tuple(input_shape[:-1]) + (hidden,))
 
-  def _branches(self, x, seed, rate):
+  def _branches(self, x, seed, rate, key_lengths):
     """a(H) + b(H) for x = H; seed: int32 [2] of the dropout masks."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    a = self.attention(self.attention_norm(x))  # (batch, n, width)
+    a = self.attention(self.attention_norm(x), key_lengths=key_lengths)
+    # (batch, n, width)
     b = self.ff_out(self.ff_in(self.ff_norm(x + a)))
     if rate > 0:
       a = tf.nn.experimental.stateless_dropout(a, rate, seeds[0])
       b = tf.nn.experimental.stateless_dropout(b, rate, seeds[1])
     return a + b
 
-  def call(self, x, training=False):
+  def call(self, x, training=False, key_lengths=None):
     rate = self.dropout if training else 0.0
     if rate > 0:
       seed = self.seed_generator.next()
       seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
     else:
       seed = tf.zeros([2], tf.int32)
-    # The seed is bound here, not passed: recompute_grad watches every
-    # argument, and an int32 one makes it warn "The dtype of the watched
-    # tensor must be floating" at every step.
-    branches = functools.partial(self._branches, seed=seed, rate=rate)
+    # The seed and lengths are bound here, not passed: recompute_grad
+    # watches every argument, and an int32 one makes it warn "The dtype of
+    # the watched tensor must be floating" at every step.
+    branches = functools.partial(self._branches, seed=seed, rate=rate,
+                                 key_lengths=key_lengths)
     if self.recompute and training:
       return x + tf.recompute_grad(branches)(x)
     return x + branches(x)

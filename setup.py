@@ -1,11 +1,10 @@
 """Packaging for st_keras.
 
 The op library st_keras/lib/_st_keras_ops.so is built by Bazel (the only builder) through
-tools/build_ops.sh when it is missing, so that, in a venv that has tensorflow-cpu installed,
-
-    pip install --no-build-isolation .
-
-gives a working package with the .so inside. Set ST_KERAS_REBUILD_OPS=1 to force a rebuild.
+tools/build_ops.sh when it is missing, with the TensorFlow of the Python that builds: `pip install .`
+builds in an isolated environment whose requirements (pyproject.toml) include the pinned
+tensorflow-cpu; `pip install --no-build-isolation .` builds with the current environment's.
+Set ST_KERAS_REBUILD_OPS=1 to force a rebuild.
 """
 
 import os
@@ -48,11 +47,12 @@ setup(
     version="0.1.0",
     description="Sparse Transformer (block-sparse attention) for Keras 3 / TensorFlow",
     packages=find_packages(include=["st_keras", "st_keras.*"]),
-    package_data={"st_keras": ["lib/*.so"]},
+    package_data={"st_keras": ["lib/*.so", "configs/*.yaml", "configs/README.md"]},
     include_package_data=False,
     python_requires=">=3.11",
+    # One source for the pins: requirements.txt (the development environment) lists these too.
     install_requires=["tensorflow-cpu==2.21.0", "keras==3.15.1", "tensorboard", "numpy",
-                      "PyYAML"],
+                      "PyYAML", "matplotlib"],
     entry_points={"console_scripts": [
         "st-train = st_keras.train:main",
         "st-sample = st_keras.sample:main",

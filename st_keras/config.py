@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -321,16 +322,52 @@ def _check_sections(raw) -> None:
                       f"got {values!r}")
 
 
+# The configs shipped with the package (the paper's runs and the demos).
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "configs")
+
+
+def shipped() -> list:
+  """Returns the names of the shipped configs, sorted."""
+  return sorted(f[:-len(".yaml")] for f in os.listdir(SHIPPED_DIR)
+                if f.endswith(".yaml"))
+
+
+def resolve(path: str) -> str:
+  """The YAML file `path` names: a file, or a shipped config's name.
+
+  Args:
+    path: a YAML file's path, or the name of a shipped config ('demo_text'
+      or 'demo_text.yaml').
+
+  Returns:
+    A path to an existing file.
+
+  Raises:
+    FileNotFoundError: neither, with the shipped names.
+  """
+  if os.path.isfile(path):
+    return path
+  name = os.path.basename(path)
+  name = name[:-len(".yaml")] if name.endswith(".yaml") else name
+  if name in shipped() and os.sep not in path:
+    return os.path.join(SHIPPED_DIR, name + ".yaml")
+  raise FileNotFoundError(
+      f"config {path!r} is neither a file nor a shipped config "
+      f"({', '.join(shipped())})")
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> Config:
   """Reads a YAML config and applies overrides.
 
   Args:
-    path: YAML file.
+    path: YAML file, or a shipped config's name (`resolve`).
     overrides: 'section.key=value' strings.
 
   Returns:
     A checked `Config`.
   """
+  path = resolve(path)
   with open(path) as f:
     raw = parse_yaml(f.read(), path)
   return from_dict(override({} if raw is None else raw, overrides))

@@ -558,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   directory, 130 when interrupted (a checkpoint is written).
   """
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="YAML config file")
+  parser.add_argument("--config", required=True,
+                      help="YAML config file, or a shipped config's name: "
+                      + ", ".join(config_lib.shipped()))
   parser.add_argument("--override", action="append", default=[],
                       metavar="SECTION.KEY=VALUE",
                       help="change one config value (repeatable)")

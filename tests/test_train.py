@@ -19,7 +19,6 @@ from st_keras import config as config_lib
 from st_keras import run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
 
 
 def _tiny(tmp_path, corpus, **train):
@@ -43,11 +42,20 @@ def corpus(tmp_path):
   return path
 
 
-@pytest.mark.parametrize("name", sorted(
-    f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
-def test_shipped_configs_load(name):
-  cfg = config_lib.load(os.path.join(CONFIGS, name))
+@pytest.mark.parametrize("name", config_lib.shipped())
+def test_shipped_configs_load_by_name_and_path(name):
+  cfg = config_lib.load(name)
   assert cfg.data.context % cfg.model.block_size == 0
+  assert config_lib.load(os.path.join(config_lib.SHIPPED_DIR,
+                                      name + ".yaml")) == cfg
+
+
+def test_an_unknown_config_lists_the_shipped_ones():
+  assert "demo_text" in config_lib.shipped()
+  with pytest.raises(FileNotFoundError, match="demo_text"):
+    config_lib.load("no_such_config")
+  with pytest.raises(FileNotFoundError, match="neither a file"):
+    config_lib.load("some/dir/demo_text.yaml")
 
 
 def test_config_errors_name_the_key(tmp_path):

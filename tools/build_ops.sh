@@ -43,6 +43,8 @@ if [[ "$GPU" == 1 ]]; then
 fi
 TARGETS=("${LIBS[@]/#///custom_ops:}")
 
+# The Bazel server (a JVM of a few hundred MB) is not left running after the build.
+trap 'bazel shutdown >/dev/null 2>&1 || true' EXIT
 echo "[build_ops] bazel build ${FLAGS[*]} ${TARGETS[*]} (python: $PYTHON_BIN_PATH)"
 start=$SECONDS
 if ! bazel build "${FLAGS[@]}" --repo_env=PYTHON_BIN_PATH="$PYTHON_BIN_PATH" \

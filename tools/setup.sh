@@ -67,7 +67,19 @@ log "bazel: $(command -v bazel)"
 # 4. Op library (Bazel) ------------------------------------------------------------------
 PYTHON_BIN_PATH="$VPY" bash "$ROOT/tools/build_ops.sh"
 
-# 5. Smoke check: the library loads into TensorFlow ----------------------------------------
+# 5. The package itself, editable, so st-train / st-sample / st-export exist in .venv ----
+if ! "$VPY" - "$ROOT" <<'PYEOF' 2>/dev/null; then
+import json, sys
+from importlib.metadata import distribution
+url = json.loads(distribution("st_keras").read_text("direct_url.json") or "{}")
+sys.exit(0 if url.get("dir_info", {}).get("editable") and
+         url.get("url") == "file://" + sys.argv[1] else 1)
+PYEOF
+  log "installing st_keras into $VENV (editable)"
+  "$VPY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+fi
+
+# 6. Smoke check: the library loads into TensorFlow ----------------------------------------
 log "checking that st_keras/lib/_st_keras_ops.so loads with tf.load_op_library"
 TF_CPP_MIN_LOG_LEVEL=3 "$VPY" -c "
 import tensorflow as tf

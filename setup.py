@@ -46,6 +46,7 @@ setup(
     name="st_keras",
     version="0.1.0",
     description="Sparse Transformer (block-sparse attention) for Keras 3 / TensorFlow",
+    license="Apache-2.0",
     packages=find_packages(include=["st_keras", "st_keras.*"]),
     package_data={"st_keras": ["lib/*.so", "configs/*.yaml", "configs/README.md"]},
     include_package_data=False,

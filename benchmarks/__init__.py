@@ -1,1 +1,1 @@
-"""Benchmark scripts of st_keras; results go to BENCHMARKS.md (see DESIGN.md §8)."""
+"""Benchmark scripts of st_keras; each writes its section of BENCHMARKS.md or docs/RESULTS.md."""

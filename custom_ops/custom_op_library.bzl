@@ -1,7 +1,7 @@
 """custom_op_library: a TensorFlow custom-op shared library (like tensorflow/addons' macro).
 
 Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) and links
-libtensorflow_framework.so.2, with the flags TF 2.21 needs (DESIGN.md §5).
+libtensorflow_framework.so.2, with the flags TF 2.21 needs (C++17, its ABI).
 """
 
 TF_COPTS = [

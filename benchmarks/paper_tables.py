@@ -221,13 +221,13 @@ def load_text_run(run_dir: str) -> tuple:
   import keras
   from st_keras import config as config_lib
   from st_keras import models  # noqa: F401  (registers the classes)
-  from st_keras import train
+  from st_keras.data import kinds
   model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
   with open(os.path.join(run_dir, "config.json")) as f:
     data_config = config_lib.from_dict(json.load(f)).data
-  splits = train.load_data(data_config)
+  splits = kinds.load(data_config)
   return (model, splits,
-          train.held_out_file_starts(data_config, splits["valid"]),
+          kinds.held_out_file_starts(data_config, splits["valid"]),
           data_config.separator)
 
 

@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-DATA_KINDS = ("text", "enwik8", "cifar10", "imagenet64", "audio")
+from st_keras.data import kinds as data_kinds
+
+DATA_KINDS = data_kinds.NAMES
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
 

@@ -16,11 +16,12 @@ import math
 import numbers
 import os
 import sys
-import wave
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from st_keras.data import kinds
 
 
 def _is_real(value) -> bool:
@@ -235,73 +236,7 @@ def generate(model, prompt: np.ndarray, length: int,
 
 
 # ----------------------------------------------------------------------------
-# Writing samples per modality.
-
-
-def write_text(tokens: np.ndarray, path: str) -> None:
-  """Writes the byte sequences of [batch, n] tokens, each after a header.
-
-  Sample i of B is the line `=== sample i/B: n bytes ===`, then exactly its
-  n bytes (which may hold any byte, newlines included), then a newline: a
-  reader takes the count from the header, so samples never run together.
-  """
-  with open(path, "wb") as f:
-    for i, row in enumerate(tokens):
-      data = row.astype(np.uint8).tobytes()
-      f.write(f"=== sample {i + 1}/{len(tokens)}: {len(data)} bytes ===\n"
-              .encode("ascii") + data + b"\n")
-
-
-def write_image_grid(tokens: np.ndarray, image_shape: Sequence[int],
-                     path: str) -> None:
-  """Writes [batch, n] raster-order bytes as a PNG grid of images.
-
-  Args:
-    tokens: [batch, n] bytes, n <= rows * cols * channels; missing bytes
-      (an unfinished image) are drawn black.
-    image_shape: (rows, cols, channels), channels 1 or 3.
-    path: the .png to write.
-  """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.image  # pylint: disable=import-outside-toplevel
-  rows, cols, channels = image_shape
-  if channels not in (1, 3):
-    raise ValueError(f"image channels must be 1 or 3, got {channels}")
-  flat = np.zeros((tokens.shape[0], rows * cols * channels), np.uint8)
-  flat[:, :tokens.shape[1]] = tokens[:, :flat.shape[1]]
-  images = flat.reshape(-1, rows, cols, channels)
-  per_row = int(np.ceil(np.sqrt(len(images))))
-  grid = np.zeros((per_row * (rows + 1), per_row * (cols + 1), channels),
-                  np.uint8)
-  for i, image in enumerate(images):
-    r, c = divmod(i, per_row)
-    grid[r * (rows + 1):r * (rows + 1) + rows,
-         c * (cols + 1):c * (cols + 1) + cols] = image
-  matplotlib.image.imsave(path, grid[..., 0] if channels == 1 else grid,
-                          cmap="gray" if channels == 1 else None)
-
-
-def write_wav(tokens: np.ndarray, path: str) -> None:
-  """Writes [batch, n] mu-law bytes as one 16-bit mono WAV at 12 kHz, the
-  sequences one after another with 0.25 s of silence between them."""
-  from st_keras.data import audio  # pylint: disable=import-outside-toplevel
-  gap = np.zeros(audio.SAMPLE_RATE // 4, np.float32)
-  signal = np.concatenate(
-      [np.concatenate([audio.mu_law_decode(row), gap]) for row in tokens])
-  pcm = np.round(np.clip(signal, -1.0, 1.0) * 32767).astype("<i2")
-  with wave.open(path, "wb") as f:
-    f.setnchannels(1)
-    f.setsampwidth(2)
-    f.setframerate(audio.SAMPLE_RATE)
-    f.writeframes(pcm.tobytes())
-
-
-# ----------------------------------------------------------------------------
 # CLI.
-
-IMAGE_KINDS = ("cifar10", "imagenet64")
-
 
 def _run_kind(model_path: str) -> str:
   """The data kind of the run that wrote `model_path` (its config.json)."""
@@ -319,8 +254,6 @@ def _prompt(args, model, kind: str) -> np.ndarray:
   Without a prompt, an image starts from its start byte, audio from
   silence (mu-law 128) and text from a 0 byte.
   """
-  from st_keras.data import audio  # pylint: disable=import-outside-toplevel
-  from st_keras.data import windows  # pylint: disable=import-outside-toplevel
   if args.prompt_image:
     import matplotlib.image  # pylint: disable=import-outside-toplevel
     image = matplotlib.image.imread(args.prompt_image)
@@ -331,7 +264,7 @@ def _prompt(args, model, kind: str) -> np.ndarray:
     if image.shape != (rows, cols, channels):
       raise ValueError(f"--prompt-image must be {rows}x{cols} with "
                        f"{channels} channels, got shape {image.shape}")
-    data = np.concatenate([[windows.START_BYTE],
+    data = np.concatenate([[kinds.START_BYTE],
                            image[:args.prompt_rows].reshape(-1)])
   elif args.prompt_file:
     with open(args.prompt_file, "rb") as f:
@@ -339,12 +272,7 @@ def _prompt(args, model, kind: str) -> np.ndarray:
   else:
     data = np.frombuffer(args.prompt.encode("utf-8"), np.uint8)
   if data.size == 0:  # the kind's own start
-    start = 0
-    if kind in IMAGE_KINDS:
-      start = windows.START_BYTE
-    elif kind == "audio":
-      start = audio.SILENCE
-    data = np.array([start], np.uint8)
+    data = np.array([kinds.get(kind).start_byte], np.uint8)
   return np.tile(data[None], (args.batch, 1))
 
 
@@ -369,16 +297,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--top-k", type=int, default=0)
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--kind", choices=("text", "enwik8", "audio") +
-                      IMAGE_KINDS, help="data kind (default: the run's)")
+  parser.add_argument("--kind", choices=kinds.NAMES,
+                      help="data kind (default: the run's)")
   parser.add_argument("--output", required=True,
                       help=".txt/.bin for bytes, .png for images, .wav for "
                       "audio")
   parser.add_argument("--no-cache", action="store_true",
                       help="recompute the full forward pass for every byte")
   args = parser.parse_args(argv)
-  if args.prompt_image and not (args.kind or _run_kind(args.model)) in (
-      IMAGE_KINDS):
+  if args.prompt_image and kinds.get(
+      args.kind or _run_kind(args.model)).image_shape is None:
     parser.error("--prompt-image needs an image model (--kind cifar10 or "
                  "imagenet64)")
   if args.batch < 1:
@@ -394,12 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       use_cache=not args.no_cache)
   except ValueError as e:
     parser.error(str(e))
-  if kind in IMAGE_KINDS:  # without the start byte
-    write_image_grid(tokens[:, 1:], model.embedding_axes, args.output)
-  elif kind == "audio":
-    write_wav(tokens, args.output)
-  else:
-    write_text(tokens, args.output)
+  kinds.get(kind).write(tokens, args.output,
+                        getattr(model, "embedding_axes", None))
   print(f"wrote {tokens.shape[0]} x {tokens.shape[1]} bytes to {args.output}")
   return 0
 

@@ -43,7 +43,6 @@ from st_keras import training_log
 from st_keras import sample as sample_lib
 
 LOG = logging.getLogger("st_keras.train")
-IMAGE_AXES = {"cifar10": (32, 32, 3), "imagenet64": (64, 64, 3)}
 # Checkpoints kept on disk: the newest and one before it, to fall back on.
 MAX_TO_KEEP = 2
 
@@ -82,79 +81,11 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
                    f"{config_lib.STRATEGIES}")
 
 
-def _holdout(stream: np.ndarray, fraction: float, context: int) -> dict:
-  """Splits a byte stream: the last `fraction` (at least one window) is
-  held out."""
-  valid = max(int(stream.size * fraction), context + 1)
-  if stream.size - valid < context + 1:
-    raise ValueError(f"{stream.size} bytes are too few for a training and a "
-                     f"validation window of context {context}")
-  return {"train": stream[:-valid], "valid": stream[-valid:]}
-
-
-def load_data(cfg: config_lib.DataConfig) -> dict:
-  """Reads the run's bytes.
-
-  Returns:
-    {'train', 'valid'}: 1-D uint8 streams (text, audio) or [N, length]
-    uint8 sequences (images).
-  """
-  if cfg.kind == "text":
-    data_lib.text.check_separator(cfg.separator, "data.separator")
-    if cfg.path is None:
-      return data_lib.text.stdlib_splits(separator=cfg.separator)
-    return _holdout(data_lib.text.read_bytes(cfg.path, cfg.separator),
-                    cfg.valid_fraction, cfg.context)
-  if cfg.path is None:
-    raise ValueError(f"data.path is required for data.kind={cfg.kind}")
-  if cfg.kind == "enwik8":
-    return data_lib.text.enwik8_splits(cfg.path)
-  if cfg.kind == "audio":
-    return _holdout(data_lib.audio.read_audio(cfg.path), cfg.valid_fraction,
-                    cfg.context)
-  if cfg.kind == "cifar10":
-    return {"train": data_lib.images.read_cifar10(cfg.path, "train")[0],
-            "valid": data_lib.images.read_cifar10(
-                cfg.valid_path or cfg.path, "test")[0]}
-  if cfg.valid_path is None:
-    raise ValueError("data.valid_path (the validation .npz batches) is "
-                     "required for data.kind=imagenet64")
-  return {"train": data_lib.images.read_imagenet64(cfg.path),
-          "valid": data_lib.images.read_imagenet64(cfg.valid_path)}
-
-
-def held_out_file_starts(cfg: config_lib.DataConfig,
-                         valid: np.ndarray) -> np.ndarray:
-  """Where each file (document) begins in a text run's held-out bytes.
-
-  Args:
-    cfg: the run's data config (kind text or enwik8).
-    valid: `load_data(cfg)['valid']`.
-
-  Returns:
-    Ascending int64 offsets into valid, the first 0: with data.path, the
-    files under it that begin inside the held-out tail; enwik8 is one text.
-
-  Raises:
-    ValueError: data.kind is not a text kind.
-  """
-  if cfg.kind == "enwik8":
-    return np.zeros([1], np.int64)
-  if cfg.kind != "text":
-    raise ValueError(f"held-out files are defined for text runs, not "
-                     f"data.kind={cfg.kind}")
-  if cfg.path is None:
-    return data_lib.text.stdlib_valid_bounds(separator=cfg.separator)[:-1]
-  bounds = data_lib.text.file_bounds(cfg.path, cfg.separator)
-  starts = bounds[:-1] - (bounds[-1] - valid.size)  # valid is the tail
-  return np.concatenate([[0], starts[starts > 0]]).astype(np.int64)
-
-
 def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
                   start_step: int) -> tuple:
   """(training stream starting at batch start_step, validation batches)."""
   seed, context = cfg.train.seed, cfg.data.context
-  if cfg.data.kind in IMAGE_AXES:
+  if data_lib.kinds.get(cfg.data.kind).image_shape is not None:
     length = arrays["train"].shape[1]
     if context != length:
       raise ValueError(f"data.context must be the image length {length} "
@@ -174,8 +105,9 @@ def make_datasets(cfg: config_lib.Config, arrays: dict, global_batch: int,
 def build_model(cfg: config_lib.Config) -> models.SparseTransformer:
   """The run's model (built, not compiled)."""
   kwargs = dataclasses.asdict(cfg.model)
-  if kwargs["embedding_axes"] is None and cfg.data.kind in IMAGE_AXES:
-    kwargs["embedding_axes"] = list(IMAGE_AXES[cfg.data.kind])
+  image_shape = data_lib.kinds.get(cfg.data.kind).image_shape
+  if kwargs["embedding_axes"] is None and image_shape is not None:
+    kwargs["embedding_axes"] = list(image_shape)
   model = models.SparseTransformer(seq_len=cfg.data.context,
                                    seed=cfg.train.seed, **kwargs)
   model.build()
@@ -446,9 +378,9 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
                   stop_after: Optional[int]) -> dict:
   """`train` once the run directory is locked and its config checked."""
   global_batch = cfg.data.batch_size
-  arrays = load_data(cfg.data)
-  metric_name = ("bits_per_dim" if cfg.data.kind in IMAGE_AXES else
-                 "bits_per_byte")
+  kind = data_lib.kinds.get(cfg.data.kind)
+  arrays = kind.load(cfg.data)
+  metric_name = kind.metric
   with strategy.scope():
     model = build_model(cfg)
     models.compile_for_training(model, make_optimizer(cfg.train),
@@ -508,7 +440,7 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
   bits = model.evaluate(valid_ds, verbose=0, return_dict=True)[metric_name]
   model.save(os.path.join(out_dir, "model.keras"))
   sample_path = None
-  if cfg.train.sample_bytes > 0 and cfg.data.kind in ("text", "enwik8"):
+  if cfg.train.sample_bytes > 0 and kind.is_text:
     sample_path = os.path.join(out_dir, "sample.txt")
     write_text_sample(model, arrays["valid"], cfg.train.sample_bytes,
                       cfg.train.seed, sample_path)

@@ -333,3 +333,31 @@ def test_audio_errors(tmp_path):
   _write(str(tmp_path / "empty" / "notes.txt"), b"x")
   with pytest.raises(FileNotFoundError, match="no .wav"):
     audio.read_audio(str(tmp_path / "empty"))
+
+
+def test_kinds_registry_is_the_one_list_of_data_kinds(tmp_path):
+  from st_keras import config as config_lib
+  from st_keras.data import kinds
+  assert config_lib.DATA_KINDS == kinds.NAMES
+  assert set(kinds.NAMES) == {"text", "enwik8", "cifar10", "imagenet64",
+                              "audio"}
+  for name in ("cifar10", "imagenet64"):
+    kind = kinds.get(name)
+    assert kind.metric == "bits_per_dim" and len(kind.image_shape) == 3
+  assert kinds.get("audio").start_byte == audio.SILENCE
+  assert [k for k in kinds.NAMES if kinds.get(k).is_text] == ["text",
+                                                              "enwik8"]
+  with pytest.raises(ValueError, match="data.kind must be one of"):
+    kinds.get("video")
+  rng = np.random.default_rng(41)
+  tokens = rng.integers(0, 256, (2, 1 + 4 * 4 * 3)).astype(np.uint8)
+  kinds.get("cifar10").write(tokens, str(tmp_path / "s.png"), (4, 4, 3))
+  import matplotlib.image
+  grid = matplotlib.image.imread(str(tmp_path / "s.png"))
+  assert grid.shape[:2] == (2 * 5, 2 * 5)  # 2x2 cells of 4+1 pixels
+  kinds.get("audio").write(tokens, str(tmp_path / "s.wav"))
+  with wave.open(str(tmp_path / "s.wav")) as f:
+    assert f.getnframes() == 2 * (tokens.shape[1] + audio.SAMPLE_RATE // 4)
+  kinds.get("text").write(tokens, str(tmp_path / "s.txt"))
+  assert (tmp_path / "s.txt").read_bytes().startswith(
+      b"=== sample 1/2: 49 bytes ===\n" + tokens[0].tobytes())

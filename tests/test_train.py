@@ -234,16 +234,16 @@ MIRRORED = textwrap.dedent("""
 @pytest.mark.parametrize("separator", [None, 28])
 def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path,
                                                               separator):
-  from st_keras import train
-  rng = np.random.default_rng()
+  from st_keras.data import kinds
+  rng = np.random.default_rng(31)
   blobs = [rng.integers(0, 256, int(rng.integers(300, 900))).astype(
       np.uint8).tobytes() for _ in range(6)]
   for i, blob in enumerate(blobs):
     (tmp_path / f"f{i}.txt").write_bytes(blob)
   data = config_lib.DataConfig(kind="text", path=str(tmp_path), context=64,
                                valid_fraction=0.6, separator=separator)
-  valid = train.load_data(data)["valid"]
-  starts = train.held_out_file_starts(data, valid)
+  valid = kinds.load(data)["valid"]
+  starts = kinds.held_out_file_starts(data, valid)
   assert starts[0] == 0 and np.all(np.diff(starts) > 0)
   # Each later start begins a whole file (its separator first, if any); the
   # first file is cut by the split.
@@ -253,12 +253,12 @@ def test_held_out_file_starts_mark_files_of_the_held_out_tail(tmp_path,
   assert whole == [head + b for b in blobs[len(blobs) - len(whole):]]
   assert (head + blobs[-len(whole) - 1]).endswith(valid[:starts[1]].tobytes())
   with pytest.raises(ValueError, match="data.separator must be null or a"):
-    train.load_data(config_lib.DataConfig(kind="text", path=str(tmp_path),
-                                          separator=300))
+    kinds.load(config_lib.DataConfig(kind="text", path=str(tmp_path),
+                                     separator=300))
   enwik8 = config_lib.DataConfig(kind="enwik8", path="unused")
-  assert train.held_out_file_starts(enwik8, valid).tolist() == [0]
+  assert kinds.held_out_file_starts(enwik8, valid).tolist() == [0]
   with pytest.raises(ValueError, match="data.kind=cifar10"):
-    train.held_out_file_starts(config_lib.DataConfig(kind="cifar10"), valid)
+    kinds.held_out_file_starts(config_lib.DataConfig(kind="cifar10"), valid)
 
 
 def test_log_lines_are_printed_once():

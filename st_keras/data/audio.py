@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import wave
 from typing import Sequence
 
 import numpy as np
@@ -218,3 +219,17 @@ def read_audio(paths: Sequence[str] | str,
       samples, file_rate = read_wav(name)
       chunks.append(mu_law_encode(resample(samples, file_rate, rate)))
   return np.concatenate(chunks)
+
+
+def write_wav(tokens: np.ndarray, path: str) -> None:
+  """Writes [batch, n] mu-law bytes as one 16-bit mono WAV at 12 kHz, the
+  sequences one after another with 0.25 s of silence between them."""
+  gap = np.zeros(SAMPLE_RATE // 4, np.float32)
+  signal = np.concatenate(
+      [np.concatenate([mu_law_decode(row), gap]) for row in tokens])
+  pcm = np.round(np.clip(signal, -1.0, 1.0) * 32767).astype("<i2")
+  with wave.open(path, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(SAMPLE_RATE)
+    f.writeframes(pcm.tobytes())

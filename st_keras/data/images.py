@@ -13,7 +13,7 @@ import glob
 import os
 import zipfile
 import zlib
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -143,3 +143,33 @@ def read_imagenet64(path: str, size: int = 64) -> np.ndarray:
   return np.concatenate([
       channel_major_to_sequence(_npz_data(name, size), (size, size, 3))
       for name in files])
+
+
+def write_grid(tokens: np.ndarray, image_shape: Sequence[int],
+               path: str) -> None:
+  """Writes [batch, n] raster-order bytes as a PNG grid of images.
+
+  Args:
+    tokens: [batch, n] bytes, n <= rows * cols * channels; missing bytes
+      (an unfinished image) are drawn black.
+    image_shape: (rows, cols, channels), channels 1 or 3.
+    path: the .png to write.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.image  # pylint: disable=import-outside-toplevel
+  rows, cols, channels = image_shape
+  if channels not in (1, 3):
+    raise ValueError(f"image channels must be 1 or 3, got {channels}")
+  flat = np.zeros((tokens.shape[0], rows * cols * channels), np.uint8)
+  flat[:, :tokens.shape[1]] = tokens[:, :flat.shape[1]]
+  images = flat.reshape(-1, rows, cols, channels)
+  per_row = int(np.ceil(np.sqrt(len(images))))
+  grid = np.zeros((per_row * (rows + 1), per_row * (cols + 1), channels),
+                  np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, per_row)
+    grid[r * (rows + 1):r * (rows + 1) + rows,
+         c * (cols + 1):c * (cols + 1) + cols] = image
+  matplotlib.image.imsave(path, grid[..., 0] if channels == 1 else grid,
+                          cmap="gray" if channels == 1 else None)

@@ -251,3 +251,17 @@ def stdlib_valid_bounds(valid_per_mille: int = 50,
   root = manifest["root"][0]
   return file_bounds([os.path.join(root, p) for p in manifest["valid"]],
                      separator)
+
+
+def write_samples(tokens: np.ndarray, path: str) -> None:
+  """Writes the byte sequences of [batch, n] tokens, each after a header.
+
+  Sample i of B is the line `=== sample i/B: n bytes ===`, then exactly its
+  n bytes (which may hold any byte, newlines included), then a newline: a
+  reader takes the count from the header, so samples never run together.
+  """
+  with open(path, "wb") as f:
+    for i, row in enumerate(tokens):
+      data = row.astype(np.uint8).tobytes()
+      f.write(f"=== sample {i + 1}/{len(tokens)}: {len(data)} bytes ===\n"
+              .encode("ascii") + data + b"\n")

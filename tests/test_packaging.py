@@ -2,6 +2,7 @@
 fresh virtual environment, and run from a directory outside the repository."""
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -43,10 +44,20 @@ def _run(args, **kwargs):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+  # Built from a copy of the tracked files and the op library (already
+  # built by tools/setup.sh, so this only packs), leaving no build/ here.
+  source = tmp_path_factory.mktemp("source")
+  tracked = _run(["git", "ls-files"], cwd=REPO).split("\n")
+  built = [os.path.join("st_keras", "lib", name) for name in
+           os.listdir(os.path.join(REPO, "st_keras", "lib"))
+           if name.endswith(".so")]
+  for name in filter(None, tracked + built):
+    if os.path.isfile(os.path.join(REPO, name)):
+      os.makedirs(os.path.dirname(source / name), exist_ok=True)
+      shutil.copy2(os.path.join(REPO, name), source / name)
   out = tmp_path_factory.mktemp("wheel")
-  # The op library is already built (tools/setup.sh), so this only packs.
   _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-        "--no-build-isolation", "--wheel-dir", str(out), REPO])
+        "--no-build-isolation", "--wheel-dir", str(out), str(source)])
   (path,) = out.glob("st_keras-*.whl")
   return path
 

@@ -20,32 +20,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from st_keras.data import kinds as data_kinds
+from st_keras.models import ModelConfig
 
 DATA_KINDS = data_kinds.NAMES
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
-
-
-@dataclasses.dataclass
-class ModelConfig:
-  """Arguments of `st_keras.models.SparseTransformer` (seq_len comes from
-  data.context)."""
-  width: int = 256
-  num_layers: int = 4
-  num_heads: int = 4
-  vocab_size: int = 256
-  pattern: str = "fixed"
-  integration: str = "merged"
-  stride: int = 128
-  summary_size: int = 32
-  num_summary_patterns: int = 1
-  block_size: int = 32
-  qk_ratio: float = 1.0
-  ff_multiplier: float = 4.0
-  dropout: float = 0.0
-  embedding_axes: Optional[List[int]] = None
-  recompute: bool = False
-  attention_implementation: Optional[str] = None
 
 
 @dataclasses.dataclass

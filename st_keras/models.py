@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import List, Optional
 
 import keras
 import tensorflow as tf
@@ -16,6 +17,33 @@ from st_keras.layers.embeddings import text_axes
 from st_keras.layers.residual import SparseTransformerBlock
 
 INTEGRATIONS = ("merged", "multihead", "interleaved")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """The settings of a `SparseTransformer` but its context, seed and
+  padding token: the one list of them, read by the model's constructor and
+  `get_config` and by the run configs' `model` section (`st_keras.config`).
+  `SparseTransformer` documents each."""
+  width: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  vocab_size: int = 256
+  pattern: str = "fixed"
+  integration: str = "merged"
+  stride: int = 128
+  summary_size: int = 32
+  num_summary_patterns: int = 1
+  block_size: int = 32
+  qk_ratio: float = 1.0
+  ff_multiplier: float = 4.0
+  dropout: float = 0.0
+  embedding_axes: Optional[List[int]] = None
+  recompute: bool = False
+  attention_implementation: Optional[str] = None
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 LN2 = math.log(2.0)
 
 
@@ -109,6 +137,18 @@ class SparseTransformer(keras.Model):
 
   Args:
     seq_len: context length n (a multiple of block_size).
+    seed: seed of the dropout masks.
+    padding_token: None, or the token that right-pads a batch of documents
+      of different lengths: the trailing run of it in each row is padding.
+      `fit` and `evaluate` weigh the targets in each row's trailing run of
+      it 0 (as a Keras mask would), so the loss and `BitsPerByte` are means
+      over the real targets, whether the batch was padded before or after
+      shifting. Choose a token that does not end documents (e.g.
+      vocab_size=257, padding_token=256).
+    **kwargs: the settings of `ModelConfig`, each described below, and
+      `keras.Model` arguments (name, dtype, ...).
+
+  Settings (`ModelConfig`; each is also an attribute of the model):
     width: model width d.
     num_layers: residual blocks N.
     num_heads: attention heads.
@@ -128,15 +168,6 @@ class SparseTransformer(keras.Model):
       channels) for images.
     recompute: recompute each block's activations in the backward pass.
     attention_implementation: 'auto', 'custom_op', 'pure_tf' or None.
-    seed: seed of the dropout masks.
-    padding_token: None, or the token that right-pads a batch of documents
-      of different lengths: the trailing run of it in each row is padding.
-      `fit` and `evaluate` weigh the targets in each row's trailing run of
-      it 0 (as a Keras mask would), so the loss and `BitsPerByte` are means
-      over the real targets, whether the batch was padded before or after
-      shifting. Choose a token that does not end documents (e.g.
-      vocab_size=257, padding_token=256).
-    **kwargs: `keras.Model` arguments (name, dtype, ...).
 
   Call arguments:
     tokens: (batch, n') int tokens in 0..vocab_size - 1, n' <= n (any n';
@@ -158,67 +189,58 @@ class SparseTransformer(keras.Model):
       0..vocab_size - 1.
   """
 
-  def __init__(self, seq_len: int, width: int = 256, num_layers: int = 4,
-               num_heads: int = 4, vocab_size: int = 256,
-               pattern: str = "fixed", integration: str = "merged",
-               stride: int = 128, summary_size: int = 32,
-               num_summary_patterns: int = 1, block_size: int = 32,
-               qk_ratio: float = 1.0, ff_multiplier: float = 4.0,
-               dropout: float = 0.0,
-               embedding_axes: Optional[Sequence[int]] = None,
-               recompute: bool = False,
-               attention_implementation: Optional[str] = None,
-               seed: Optional[int] = None,
+  def __init__(self, seq_len: int, seed: Optional[int] = None,
                padding_token: Optional[int] = None, **kwargs):
+    settings = ModelConfig(**{k: kwargs.pop(k) for k in SETTINGS
+                              if k in kwargs})
     super().__init__(**kwargs)
-    _check_sizes(seq_len=seq_len, width=width, num_layers=num_layers,
-                 num_heads=num_heads, vocab_size=vocab_size,
-                 block_size=block_size, stride=stride,
-                 summary_size=summary_size)
-    if pattern == "fixed" and summary_size > stride:
-      raise ValueError(f"summary_size must be <= stride ({stride}) for the "
-                       f"fixed pattern, got {summary_size}")
+    _check_sizes(seq_len=seq_len, width=settings.width,
+                 num_layers=settings.num_layers,
+                 num_heads=settings.num_heads,
+                 vocab_size=settings.vocab_size,
+                 block_size=settings.block_size, stride=settings.stride,
+                 summary_size=settings.summary_size)
+    if settings.pattern == "fixed" and (settings.summary_size >
+                                        settings.stride):
+      raise ValueError(f"summary_size must be <= stride ({settings.stride}) "
+                       f"for the fixed pattern, got {settings.summary_size}")
+    vocab_size = settings.vocab_size
     if padding_token is not None and (
         isinstance(padding_token, bool) or
         not isinstance(padding_token, int) or
         not 0 <= padding_token < vocab_size):
       raise ValueError(f"padding_token must be None or a token in "
                        f"0..{vocab_size - 1}, got {padding_token!r}")
+    settings.embedding_axes = list(settings.embedding_axes or text_axes(
+        seq_len, settings.stride))
+    self.settings = settings
+    # Attributes named as the settings (summary_size, not summary: that is
+    # keras.Model.summary()).
+    for name in SETTINGS:
+      setattr(self, name, getattr(settings, name))
+    self.embedding_axes = tuple(settings.embedding_axes)
     self.seq_len = seq_len
-    self.width = width
-    self.num_layers = num_layers
-    self.num_heads = num_heads
-    self.vocab_size = vocab_size
-    self.pattern = pattern
-    self.integration = integration
-    self.stride = stride
-    # Not `summary`: that is keras.Model.summary().
-    self.summary_size = summary_size
-    self.num_summary_patterns = num_summary_patterns
-    self.block_size = block_size
-    self.qk_ratio = qk_ratio
-    self.ff_multiplier = ff_multiplier
-    self.dropout = dropout
-    self.embedding_axes = tuple(embedding_axes or text_axes(seq_len, stride))
-    self.recompute = recompute
-    self.attention_implementation = attention_implementation
     self.seed = seed
     self.padding_token = padding_token
 
     self.token_embedding = keras.layers.Embedding(
-        vocab_size, width, embeddings_initializer="random_normal",
+        vocab_size, self.width, embeddings_initializer="random_normal",
         name="token_embedding")
     self.position_embedding = AxialPositionEmbedding(
         self.embedding_axes, name="position_embedding")
     self.blocks = []
-    for r, mode in enumerate(layer_modes(pattern, integration, num_layers)):
+    for r, mode in enumerate(layer_modes(self.pattern, self.integration,
+                                         self.num_layers)):
       attention = dict(
-          pattern=pattern, mode=mode, stride=stride, summary=summary_size,
-          num_summary_patterns=num_summary_patterns, block_size=block_size,
-          qk_ratio=qk_ratio, implementation=attention_implementation)
+          pattern=self.pattern, mode=mode, stride=self.stride,
+          summary=self.summary_size,
+          num_summary_patterns=self.num_summary_patterns,
+          block_size=self.block_size, qk_ratio=self.qk_ratio,
+          implementation=self.attention_implementation)
       self.blocks.append(SparseTransformerBlock(
-          num_heads, attention, ff_multiplier=ff_multiplier, dropout=dropout,
-          num_layers=num_layers, recompute=recompute,
+          self.num_heads, attention, ff_multiplier=self.ff_multiplier,
+          dropout=self.dropout, num_layers=self.num_layers,
+          recompute=self.recompute,
           seed=None if seed is None else seed + r, name=f"block_{r}"))
     self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5,
                                                       name="final_norm")
@@ -402,20 +424,9 @@ class SparseTransformer(keras.Model):
       self._symbolic_build(data_batch=data_batch)
 
   def get_config(self):
-    return {
-        "name": self.name, "seq_len": self.seq_len, "width": self.width,
-        "num_layers": self.num_layers, "num_heads": self.num_heads,
-        "vocab_size": self.vocab_size, "pattern": self.pattern,
-        "integration": self.integration, "stride": self.stride,
-        "summary_size": self.summary_size,
-        "num_summary_patterns": self.num_summary_patterns,
-        "block_size": self.block_size, "qk_ratio": self.qk_ratio,
-        "ff_multiplier": self.ff_multiplier, "dropout": self.dropout,
-        "embedding_axes": list(self.embedding_axes),
-        "recompute": self.recompute,
-        "attention_implementation": self.attention_implementation,
-        "seed": self.seed, "padding_token": self.padding_token,
-    }
+    return {"name": self.name, "seq_len": self.seq_len, "seed": self.seed,
+            "padding_token": self.padding_token,
+            **dataclasses.asdict(self.settings)}
 
   @classmethod
   def from_config(cls, config):

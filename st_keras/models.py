@@ -225,9 +225,10 @@ class SparseTransformer(keras.Model):
 
     self.token_embedding = keras.layers.Embedding(
         vocab_size, self.width, embeddings_initializer="random_normal",
-        name="token_embedding")
+        name="token_embedding", dtype=self.dtype_policy)
     self.position_embedding = AxialPositionEmbedding(
-        self.embedding_axes, name="position_embedding")
+        self.embedding_axes, name="position_embedding",
+        dtype=self.dtype_policy)
     self.blocks = []
     for r, mode in enumerate(layer_modes(self.pattern, self.integration,
                                          self.num_layers)):
@@ -241,9 +242,10 @@ class SparseTransformer(keras.Model):
           self.num_heads, attention, ff_multiplier=self.ff_multiplier,
           dropout=self.dropout, num_layers=self.num_layers,
           recompute=self.recompute,
-          seed=None if seed is None else seed + r, name=f"block_{r}"))
-    self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5,
-                                                      name="final_norm")
+          seed=None if seed is None else seed + r, name=f"block_{r}",
+          dtype=self.dtype_policy))
+    self.final_norm = keras.layers.LayerNormalization(
+        epsilon=1e-5, name="final_norm", dtype=self.dtype_policy)
     self.logits = keras.layers.Dense(vocab_size, dtype="float32",
                                      name="logits")
     self.supports_jit = all(b.supports_jit for b in self.blocks)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from st_keras import layers
+from tests import layer_testing
 from tests import reference
 
 IMPLS = ["custom_op", "pure_tf"]
@@ -439,3 +440,32 @@ def test_attention_config_round_trip_keeps_causal_and_max_length():
   layer = layers.SparseSelfAttention(2, causal=False, max_length=64, **SMALL)
   clone = layers.SparseSelfAttention.from_config(layer.get_config())
   assert (clone.causal, clone.max_length) == (False, 64)
+
+
+# ----------------------------------------------------------------------------
+# Every layer as Keras users rely on it (tests/layer_testing.py).
+
+
+def test_sparse_self_attention_passes_the_layer_checks(implementation, rng):
+  x = rng.standard_normal((2, 64, 16)).astype(np.float32)
+  layer_testing.run_layer_test(
+      lambda **kw: layers.SparseSelfAttention(
+          2, "fixed", implementation=implementation, **SMALL, **kw),
+      x, (2, 64, 16))
+
+
+def test_residual_block_passes_the_layer_checks(implementation, rng):
+  x = rng.standard_normal((2, 64, 16)).astype(np.float32)
+  attention = dict(pattern="strided", stride=32, block_size=16,
+                   implementation=implementation)
+  layer_testing.run_layer_test(
+      lambda **kw: layers.SparseTransformerBlock(2, attention,
+                                                 recompute=True, **kw),
+      x, (2, 64, 16))
+
+
+def test_position_embedding_passes_the_layer_checks(rng):
+  x = rng.standard_normal((2, 48, 8)).astype(np.float32)
+  layer_testing.run_layer_test(
+      lambda **kw: layers.AxialPositionEmbedding((4, 4, 3), **kw), x,
+      (2, 48, 8))

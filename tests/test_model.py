@@ -243,3 +243,14 @@ def test_fit_on_batches_of_different_lengths():
   x, _ = next(iter(data))
   np.testing.assert_allclose(model.predict_on_batch(x), model(x).numpy(),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_a_dtype_policy_given_to_the_model_reaches_every_layer(rng):
+  model = _model(dtype="mixed_bfloat16")
+  logits = model(rng.integers(0, 256, (1, 64)).astype(np.int32))
+  assert logits.dtype == tf.float32  # the logits stay float32
+  inner = [model.token_embedding, model.position_embedding, model.final_norm]
+  for block in model.blocks:
+    inner += [block, block.attention, block.attention.qkv, block.ff_in]
+  assert {layer.compute_dtype for layer in inner} == {"bfloat16"}
+  assert model.logits.compute_dtype == "float32"

@@ -78,6 +78,7 @@ def quick_tables(tmp_path_factory):
     return out, json.load(f), (out / "RESULTS.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_tables_write_every_table(quick_tables):
   out, results, markdown = quick_tables
   for heading in ("## Table 2", "### Text: Python standard library",
@@ -98,6 +99,7 @@ def test_quick_tables_write_every_table(quick_tables):
   assert f"Machine: {machine}" in markdown
 
 
+@pytest.mark.slow
 def test_quick_table2_trains_all_three_patterns(quick_tables):
   _, results, markdown = quick_tables
   for kind in ("text", "images"):
@@ -183,6 +185,7 @@ def test_interleaved_step_times_pairs_the_rounds(monkeypatch):
     paper_tables.interleaved_step_times({"dense": {}}, rounds=1, warmup=0)
 
 
+@pytest.mark.slow
 def test_quick_table3_scores_the_same_bytes(quick_tables):
   _, results, markdown = quick_tables
   t3 = results["table3"]
@@ -384,6 +387,7 @@ def test_table4_predicts_steps_from_a_measured_model():
   assert size == pytest.approx(ref["peak_mib"] * 2 ** 20 * 4 / 4)
 
 
+@pytest.mark.slow
 def test_quick_table4_steps_every_context(quick_tables):
   _, results, _ = quick_tables
   rows = results["table4"]["rows"]
@@ -396,6 +400,7 @@ def test_quick_table4_steps_every_context(quick_tables):
       assert math.isfinite(r["loss"])
 
 
+@pytest.mark.slow
 def test_quick_tables_write_the_corpus_manifest(quick_tables):
   out, results, markdown = quick_tables
   with open(out / "results_stdlib_manifest.json") as f:
@@ -412,6 +417,7 @@ def test_quick_tables_write_the_corpus_manifest(quick_tables):
   assert "each file after a separator byte, 0x1C, counted" in markdown
 
 
+@pytest.mark.slow
 def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
                                                           tmp_path):
   out, results, _ = quick_tables
@@ -442,6 +448,7 @@ def test_quick_tables_rerun_one_table_and_keep_the_others(quick_tables,
   assert all(f"{name} " in markdown for name in results["runs"])
 
 
+@pytest.mark.slow
 def test_quick_tables_rescore_table3_without_training(quick_tables,
                                                       tmp_path):
   _, results, _ = quick_tables
@@ -467,6 +474,7 @@ def test_quick_tables_rescore_table3_without_training(quick_tables,
       tmp_path / "RESULTS.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_tables_redraw_only(quick_tables, tmp_path):
   out, results, markdown = quick_tables
   with open(tmp_path / "results.json", "w") as f:

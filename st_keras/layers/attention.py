@@ -340,9 +340,11 @@ class SparseSelfAttention(keras.layers.Layer):
     # of the three the variance 1 / width of a square Glorot projection.
     self.qkv = keras.layers.Dense(
         heads * (2 * self.key_dim + self.value_dim),
-        kernel_initializer="lecun_uniform", name="qkv")
+        kernel_initializer="lecun_uniform", name="qkv",
+        dtype=self.dtype_policy)
     self.output_dense = keras.layers.Dense(
-        width, kernel_initializer=self.output_initializer, name="output")
+        width, kernel_initializer=self.output_initializer, name="output",
+        dtype=self.dtype_policy)
     self.qkv.build(input_shape)
     self.output_dense.build(tuple(input_shape[:-1]) + (heads *
                                                        self.value_dim,))

@@ -81,21 +81,21 @@ class SparseTransformerBlock(keras.layers.Layer):
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.attention = SparseSelfAttention(
         num_heads, output_initializer=residual_initializer(num_layers),
-        name="attention", **self.attention_config)
+        name="attention", dtype=self.dtype_policy, **self.attention_config)
     self.supports_jit = self.attention.supports_jit
 
   def build(self, input_shape):
     width = input_shape[-1]
     hidden = max(1, int(round(width * self.ff_multiplier)))
     self.attention_norm = keras.layers.LayerNormalization(
-        epsilon=1e-5, name="attention_norm")
-    self.ff_norm = keras.layers.LayerNormalization(epsilon=1e-5,
-                                                   name="ff_norm")
+        epsilon=1e-5, name="attention_norm", dtype=self.dtype_policy)
+    self.ff_norm = keras.layers.LayerNormalization(
+        epsilon=1e-5, name="ff_norm", dtype=self.dtype_policy)
     self.ff_in = keras.layers.Dense(hidden, activation=sigmoid_gelu,
-                                    name="ff_in")
+                                    name="ff_in", dtype=self.dtype_policy)
     self.ff_out = keras.layers.Dense(
         width, kernel_initializer=residual_initializer(self.num_layers),
-        name="ff_out")
+        name="ff_out", dtype=self.dtype_policy)
     for layer in (self.attention_norm, self.ff_norm, self.attention,
                   self.ff_in):
       layer.build(input_shape)

@@ -113,12 +113,28 @@ class Component:
     rows = self.tile_rows()  # (nnz,) table head * nb + query block
     cols = rows // num_blocks * num_blocks + self.col_idx  # table head * nb + key
     # Tiles are sorted by row: a stable sort by column gives (column, row).
-    order = np.argsort(cols, kind="stable")
+    order = _stable_argsort(cols, slots)
     col_ptr = np.zeros(slots + 1, np.int64)
     col_ptr[1:] = np.cumsum(np.bincount(cols, minlength=slots))
     return (col_ptr.astype(np.int32),
             (rows[order] % num_blocks).astype(np.int32),
             self.mask_idx[order].astype(np.int32))
+
+
+def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+  """Stable argsort of integers in [0, bound): numpy's radix sort (which it
+  uses for 16-bit keys), 16 bits at a time from the lowest.
+
+  Returns:
+    int64 [len(keys)]: the order.
+  """
+  order = None
+  for shift in range(0, max(1, (bound - 1).bit_length()), 16):
+    digit = (((keys if order is None else keys[order]) >> shift) &
+             0xFFFF).astype(np.uint16)
+    step = np.argsort(digit, kind="stable")
+    order = step if order is None else order[step]
+  return order
 
 
 class Layout:

@@ -346,3 +346,11 @@ def test_layouts_import_without_tensorflow():
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=repo))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("bound", [1, 300, 2**16, 2**16 + 1, 2**35])
+def test_stable_argsort_equals_numpy(bound):
+  keys = np.random.default_rng(bound).integers(0, bound, 5000)
+  keys[:40] = keys[40:80]  # ties, kept in order
+  order = layouts._stable_argsort(keys, bound)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))

@@ -262,8 +262,9 @@ def main(argv=None) -> int:
         if has_torch else
         {n: {"not_run": "torch is not installed"} for n in sizes})
     print(pattern, "flex", results[pattern]["flex"], flush=True)
-  command = "PYTHONPATH=. .venv/bin/python benchmarks/layout_build.py" + "".join(
-      f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+  command = " ".join(
+      ["PYTHONPATH=. .venv/bin/python benchmarks/layout_build.py"] +
+      (argv if argv is not None else sys.argv[1:]))
   with open(os.path.join(REPO_ROOT, args.json), "w") as f:
     json.dump({"command": command, "machine": machine_description(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

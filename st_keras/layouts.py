@@ -13,6 +13,14 @@ held in the transposed order of the paper's code: tokens are sorted by
 `(i mod l, i div l)`, so each residue class is one contiguous chunk and A2 is
 causal attention inside a chunk -- dense tiles instead of one key in every l.
 
+Heads that share a pattern share its tables: a component's tables describe
+`table_heads` T heads, T dividing the layout's heads, and head h reads table
+head h % T (T = 1 for the local, causal, dense and strided patterns and the
+fixed pattern with one summary pattern, whatever the number of heads).
+Periodic patterns are built from a few tile signatures (sign of the block
+offset, query and key phase) instead of all nb^2 candidate tiles, so the
+fixed and strided patterns at n = 2^20 build in about a second.
+
 Everything here is numpy; `to_dense()` is the token-level truth in original
 order and is what tests compare against.
 
@@ -85,7 +93,7 @@ class Component:
     return int(self.col_idx.shape[0])
 
   def tile_rows(self) -> np.ndarray:
-    """Returns int64 [nnz]: the flat (table head * nb + query block) row of each tile."""
+    """Returns int64 [nnz]: each tile's row, table head * nb + query block."""
     counts = np.diff(self.row_ptr.astype(np.int64))
     return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
 
@@ -111,7 +119,8 @@ class Component:
                        f"({self.table_heads}) must be the row table's {slots} "
                        f"rows")
     rows = self.tile_rows()  # (nnz,) table head * nb + query block
-    cols = rows // num_blocks * num_blocks + self.col_idx  # table head * nb + key
+    # (nnz,) table head * nb + key block
+    cols = rows // num_blocks * num_blocks + self.col_idx
     # Tiles are sorted by row: a stable sort by column gives (column, row).
     order = _stable_argsort(cols, slots)
     col_ptr = np.zeros(slots + 1, np.int64)
@@ -518,7 +527,8 @@ def _assemble(seq_len: int, block_size: int, head_tiles: Sequence[Tiles],
 
 def _from_predicates(seq_len, block_size, head_preds, causal, period, reach,
                      perm=None) -> Component:
-  """Builds a component from one predicate per table head (shared work is reused)."""
+  """Builds a component from one predicate per table head (reusing shared
+  work)."""
   built = {}
   blocks = []
   for pred in head_preds:

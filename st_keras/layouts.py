@@ -413,8 +413,9 @@ def _periodic_blocks(nb, block_size, classify, causal, period, reach):
                                                 reach)
   band_count = np.bincount(band_row, minlength=nb)
   # Per source: (kb, status) tables, and each row's slice start and length.
-  sources = [(band_kb, band_status, np.cumsum(band_count) - band_count,
-              band_count)]
+  band = (band_kb, band_status, np.cumsum(band_count) - band_count,
+          band_count)
+  far = []  # far-left, then (not causal) far-right
   sides = [(1, 0, rows - reach + 1)]  # (sign, first, stop): kb in [first, stop)
   if not causal:
     sides.append((-1, rows + reach, np.full(nb, nb)))
@@ -444,10 +445,10 @@ def _periodic_blocks(nb, block_size, classify, causal, period, reach):
     seq_status = [np.tile(status[x][kept[x]], periods) for x in range(bp)]
     seq_start = np.cumsum(per_phase * periods) - per_phase * periods
     lo, hi = count(first), count(np.maximum(stop, first))
-    sources.append((np.concatenate(seq_kb), np.concatenate(seq_status),
-                    seq_start[phase] + lo, hi - lo))
+    far.append((np.concatenate(seq_kb), np.concatenate(seq_status),
+                seq_start[phase] + lo, hi - lo))
   # Row by row: far-left, band, far-right slices.
-  sources = [sources[1], sources[0]] + sources[2:]
+  sources = far[:1] + [band] + far[1:]
   src_kb = np.concatenate([s[0] for s in sources]).astype(np.int32)
   src_status = np.concatenate([s[1] for s in sources]).astype(np.int32)
   src_offset = np.cumsum([0] + [s[0].shape[0] for s in sources[:-1]])

@@ -178,7 +178,7 @@ def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
   cache = layout.__dict__.setdefault("_st_keras_padded", {})
   if index not in cache:
     comp = layout.components[index]
-    nb, bs, heads = layout.num_blocks, layout.block_size, comp.table_heads
+    nb, bs, t_heads = layout.num_blocks, layout.block_size, comp.table_heads
     counts = np.diff(comp.row_ptr.astype(np.int64))
     width = max(1, int(counts.max()) if counts.size else 1)
     rows = comp.tile_rows()
@@ -188,32 +188,32 @@ def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
     # Key block of each slot. Padding slots (fully masked) gather the head's
     # first block: their zero-weight gradients (0 * NaN is NaN) stay in
     # that head.
-    gather = np.zeros((heads * nb, width), np.int32)
-    mask_sel = np.full((heads * nb, width), empty, np.int32)
+    gather = np.zeros((t_heads * nb, width), np.int32)
+    mask_sel = np.full((t_heads * nb, width), empty, np.int32)
     gather[rows, slot] = comp.col_idx
     mask_sel[rows, slot] = np.where(comp.mask_idx < 0, full, comp.mask_idx)
     masks = np.concatenate([comp.masks.astype(np.bool_),
                             np.zeros((1, bs, bs), np.bool_),
                             np.ones((1, bs, bs), np.bool_)])
-    perm = (np.tile(np.arange(layout.seq_len, dtype=np.int32), (heads, 1))
+    perm = (np.tile(np.arange(layout.seq_len, dtype=np.int32), (t_heads, 1))
             if comp.perm is None else comp.perm)
     # Original position of every gathered key: [T, nb, width * bs].
     key_block_pos = np.take_along_axis(
-        perm.reshape(heads, nb, bs), gather.reshape(heads, nb * width, 1),
+        perm.reshape(t_heads, nb, bs), gather.reshape(t_heads, nb * width, 1),
         axis=1)
     query_rows = np.argsort(perm, axis=1).astype(np.int32)
-    mask_sel = mask_sel.reshape(heads, nb, width)
-    key_block_pos = key_block_pos.reshape(heads, nb, width * bs)
+    mask_sel = mask_sel.reshape(t_heads, nb, width)
+    key_block_pos = key_block_pos.reshape(t_heads, nb, width * bs)
     with tf.init_scope():
       cache[index] = {
           "width": width,
-          "table_heads": heads,
+          "table_heads": t_heads,
           # Kernel position of every original position: [T, n].
           "query_rows": tf.constant(query_rows),
           # Whether every head has the same rows (decoding gathers once).
           "same_heads": all((x == x[:1]).all() for x in (
               query_rows, mask_sel, key_block_pos)),
-          "gather": tf.constant(gather.reshape(heads, nb * width)),
+          "gather": tf.constant(gather.reshape(t_heads, nb * width)),
           "mask_sel": tf.constant(mask_sel),
           "masks": tf.constant(masks),
           "key_positions": tf.constant(key_block_pos),

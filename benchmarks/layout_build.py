@@ -119,7 +119,16 @@ def measure_layout(layouts, pattern: str, n: int, repeats: int) -> dict:
 
 
 def flex_child(pattern: str, n: int) -> dict:
-  """create_block_mask for the pattern at n (run in a child process)."""
+  """create_block_mask for the pattern at n (run in a child process).
+
+  Args:
+    pattern: "fixed" or "strided".
+    n: tokens.
+
+  Returns:
+    dict: seconds, peak_rss_mib (the process's), growth_mib (over the RSS
+    before the call), torch (version), blocks (non-empty blocks).
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from torch.nn.attention import flex_attention as fa  # pylint: disable=g-import-not-at-top
 
@@ -144,6 +153,13 @@ def flex_child(pattern: str, n: int) -> dict:
 
 def measure_flex(pattern: str, sizes, limit: float, max_gib: float) -> dict:
   """create_block_mask at each n, in child processes, within the limits.
+
+  Args:
+    pattern: "fixed" or "strided".
+    sizes: the n to run, increasing.
+    limit: seconds; the child is stopped past it and larger n not run.
+    max_gib: larger n are not run once their dense mask would need more
+      (at the bytes per pair the last run n took).
 
   Returns:
     {n: result dict, or {"not_run": reason}}.
@@ -186,6 +202,7 @@ def measure_flex(pattern: str, sizes, limit: float, max_gib: float) -> dict:
 
 
 def flex_cell(result: dict) -> str:
+  """Returns the table cell of one `measure_flex` result."""
   if "not_run" in result:
     return f"not run: {result['not_run']}"
   return (f"{result['seconds']:.2f} s, peak RSS {result['peak_rss_mib']:.0f} "
@@ -193,7 +210,14 @@ def flex_cell(result: dict) -> str:
 
 
 def render(results: dict, command: str, flex_version: str) -> str:
-  """The BENCHMARKS.md section."""
+  """Returns the BENCHMARKS.md section.
+
+  Args:
+    results: {pattern: {"layouts": {n: `measure_layout` dict}, "flex": {n:
+      `measure_flex` result}}}.
+    command: the command line that produced them.
+    flex_version: torch's version, for the notes.
+  """
   lines = [
       BEGIN, "## Layout construction (n up to 2^20)", "",
       f"Command: `{command}`, "

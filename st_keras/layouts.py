@@ -134,6 +134,10 @@ def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
   """Stable argsort of integers in [0, bound): numpy's radix sort (which it
   uses for 16-bit keys), 16 bits at a time from the lowest.
 
+  Args:
+    keys: int array [t], nonnegative.
+    bound: an upper bound (exclusive) of keys.
+
   Returns:
     int64 [len(keys)]: the order.
   """
@@ -299,6 +303,10 @@ def _check_common(seq_len: int, block_size: int, num_heads: int) -> None:
 class _TileClassifier:
   """Evaluates a token predicate on whole tiles and numbers their masks.
 
+  Args:
+    block_size: tile width.
+    pred: token predicate in kernel coordinates.
+
   Attributes:
     masks: list of np.bool_ [bs, bs], the distinct partial masks seen.
   """
@@ -461,6 +469,13 @@ def _periodic_blocks(nb, block_size, classify, causal, period, reach):
 
 def _band_blocks(nb, bp, classify, causal, reach):
   """The non-empty tiles with |qb - kb| < reach (see `_periodic_blocks`).
+
+  Args:
+    nb: blocks.
+    bp: blocks per phase period.
+    classify: a `_TileClassifier` of the predicate.
+    causal: only tiles with kb <= qb are candidates.
+    reach: the band's half width in blocks (at least 1).
 
   Returns:
     (qb, kb, status), int64, sorted by (qb, kb).
@@ -627,6 +642,10 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
 def _pattern_heads(num_patterns: int, num_heads: int) -> int:
   """Table heads of a pattern that cycles num_patterns variants over heads.
 
+  Args:
+    num_patterns: variants; head h has variant h mod num_patterns.
+    num_heads: heads of the layout.
+
   Returns:
     num_patterns when it divides num_heads (head h reads table head h mod
     num_patterns), else num_heads.
@@ -635,7 +654,15 @@ def _pattern_heads(num_patterns: int, num_heads: int) -> int:
 
 
 def _range_concat(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """int64 [sum(lengths)]: [starts[i], starts[i] + lengths[i]) concatenated."""
+  """The ranges [starts[i], starts[i] + lengths[i]) concatenated, vectorised.
+
+  Args:
+    starts: int [r], each range's first value.
+    lengths: int [r], each range's length (0 allowed).
+
+  Returns:
+    int64 [sum(lengths)].
+  """
   keep = lengths > 0
   starts, lengths = starts[keep].astype(np.int64), lengths[keep]
   step = np.ones(int(lengths.sum()), np.int64)
@@ -899,7 +926,8 @@ def _expand(comp: Component, table_heads: int) -> Component:
 
 
 def _layout_table_heads(lay: Layout) -> int:
-  """The least table-head count every component of `lay` expands to."""
+  """Returns the least table-head count every component of `lay` expands to
+  (the lcm of their table_heads)."""
   return int(np.lcm.reduce([c.table_heads for c in lay.components] + [1]))
 
 

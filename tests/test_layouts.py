@@ -279,6 +279,9 @@ def _tile_masks(comp, block_size):
     lambda: layouts.local(320, 32, 70, 2, causal=False),
     lambda: layouts.causal(256, 16, 2),
     lambda: layouts.dense(192, 32, 1),
+    # The benchmark's patterns (block 32, stride 1024), shorter.
+    lambda: layouts.fixed(4096, 32, 1024, 32, 2),
+    lambda: layouts.strided(8192, 32, 1024, 2),
 ])
 def test_periodic_construction_equals_evaluating_every_tile(make,
                                                             monkeypatch):

@@ -182,7 +182,10 @@ def _span(values, fmt="{:.1f}") -> str:
 
 
 def _tiles(layout) -> int:
-  return sum(c.nnz for c in layout.components)
+  """Returns the tiles the kernels compute, all heads (heads that share
+  tables compute them each)."""
+  return sum(c.nnz * (layout.num_heads // c.table_heads)
+             for c in layout.components)
 
 
 def reading(runs, tune) -> list:

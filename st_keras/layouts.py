@@ -13,6 +13,14 @@ held in the transposed order of the paper's code: tokens are sorted by
 `(i mod l, i div l)`, so each residue class is one contiguous chunk and A2 is
 causal attention inside a chunk -- dense tiles instead of one key in every l.
 
+Heads that share a pattern share its tables: a component's tables describe
+`table_heads` T heads, T dividing the layout's heads, and head h reads table
+head h % T (T = 1 for the local, causal, dense and strided patterns and the
+fixed pattern with one summary pattern, whatever the number of heads).
+Periodic patterns are built from a few tile signatures (sign of the block
+offset, query and key phase) instead of all nb^2 candidate tiles, so the
+fixed and strided patterns at n = 2^20 build in about a second.
+
 Everything here is numpy; `to_dense()` is the token-level truth in original
 order and is what tests compare against.
 
@@ -44,9 +52,9 @@ class Tiles:
   """The non-empty tiles of one head, before packing into a `Component`.
 
   Attributes:
-    qb: int64 [t], query block of each tile.
-    kb: int64 [t], key block of each tile.
-    mask_idx: int64 [t], index into `masks`, -1 for a full tile.
+    qb: int [t], query block of each tile.
+    kb: int [t], key block of each tile; tiles are sorted by (qb, kb).
+    mask_idx: int [t], index into `masks`, -1 for a full tile.
     masks: list of np.bool_ [block_size, block_size].
   """
   qb: np.ndarray
@@ -59,27 +67,33 @@ class Tiles:
 class Component:
   """One token-disjoint part of a layout, in the kernel's (maybe permuted) order.
 
+  The tables describe `table_heads` heads T, T dividing the layout's
+  num_heads: layout head h reads table head h % T. Heads that share a
+  pattern share its tables (T = 1 when every head has the same pattern).
+
   Attributes:
-    perm: int32 [heads, n] or None. Kernel position p of head h holds original
-      token perm[h, p]; None means the identity for every head.
-    row_ptr: int32 [heads * nb + 1]. Tiles of query block r of head h are
-      entries row_ptr[h * nb + r] : row_ptr[h * nb + r + 1] of the next two.
+    perm: int32 [T, n] or None. Kernel position p of table head t holds
+      original token perm[t, p]; None means the identity for every head.
+    row_ptr: int32 [T * nb + 1]. Tiles of query block r of table head t are
+      entries row_ptr[t * nb + r] : row_ptr[t * nb + r + 1] of the next two.
     col_idx: int32 [nnz]. Key block of each tile, increasing within a row.
     mask_idx: int32 [nnz]. Row of `masks` for a partial tile, -1 when full.
     masks: uint8 [num_masks, block_size, block_size], indexed [query, key].
+    table_heads: T.
   """
   perm: Optional[np.ndarray]
   row_ptr: np.ndarray
   col_idx: np.ndarray
   mask_idx: np.ndarray
   masks: np.ndarray
+  table_heads: int
 
   @property
   def nnz(self) -> int:
     return int(self.col_idx.shape[0])
 
   def tile_rows(self) -> np.ndarray:
-    """Returns int64 [nnz]: the flat (head * nb + query block) row of each tile."""
+    """Returns int64 [nnz]: each tile's row, table head * nb + query block."""
     counts = np.diff(self.row_ptr.astype(np.int64))
     return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
 
@@ -90,27 +104,50 @@ class Component:
       num_blocks: nb, blocks per head (the layout's `num_blocks`).
 
     Returns:
-      (col_ptr, row_idx, col_mask_idx), int32: tiles of key block c of head
-      h are entries col_ptr[h * nb + c] : col_ptr[h * nb + c + 1] of
+      (col_ptr, row_idx, col_mask_idx), int32: tiles of key block c of table
+      head t are entries col_ptr[t * nb + c] : col_ptr[t * nb + c + 1] of
       row_idx (query block, increasing) and col_mask_idx (the tile's
-      `mask_idx`), i.e. the tiles sorted by (head, key block, query block).
-      col_ptr is [heads * nb + 1], the others [nnz].
+      `mask_idx`), i.e. the tiles sorted by (table head, key block, query
+      block). col_ptr is [T * nb + 1], the others [nnz].
 
     Raises:
-      ValueError: num_blocks does not divide the row table.
+      ValueError: num_blocks times table_heads is not the row table's length.
     """
     slots = self.row_ptr.shape[0] - 1
-    if num_blocks <= 0 or slots % num_blocks:
-      raise ValueError(f"num_blocks ({num_blocks}) must divide the row "
-                       f"table's {slots} (heads * nb) rows")
-    rows = self.tile_rows()  # (nnz,) head * nb + query block
-    cols = rows // num_blocks * num_blocks + self.col_idx  # head * nb + key
-    order = np.lexsort((rows, cols))  # by (head, key block, query block)
+    if num_blocks <= 0 or slots != num_blocks * self.table_heads:
+      raise ValueError(f"num_blocks ({num_blocks}) times table_heads "
+                       f"({self.table_heads}) must be the row table's {slots} "
+                       f"rows")
+    rows = self.tile_rows()  # (nnz,) table head * nb + query block
+    # (nnz,) table head * nb + key block
+    cols = rows // num_blocks * num_blocks + self.col_idx
+    # Tiles are sorted by row: a stable sort by column gives (column, row).
+    order = _stable_argsort(cols, slots)
     col_ptr = np.zeros(slots + 1, np.int64)
     col_ptr[1:] = np.cumsum(np.bincount(cols, minlength=slots))
     return (col_ptr.astype(np.int32),
             (rows[order] % num_blocks).astype(np.int32),
             self.mask_idx[order].astype(np.int32))
+
+
+def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+  """Stable argsort of integers in [0, bound): numpy's radix sort (which it
+  uses for 16-bit keys), 16 bits at a time from the lowest.
+
+  Args:
+    keys: int array [t], nonnegative.
+    bound: an upper bound (exclusive) of keys.
+
+  Returns:
+    int64 [len(keys)]: the order.
+  """
+  order = None
+  for shift in range(0, max(1, (bound - 1).bit_length()), 16):
+    digit = (((keys if order is None else keys[order]) >> shift) &
+             0xFFFF).astype(np.uint16)
+    step = np.argsort(digit, kind="stable")
+    order = step if order is None else order[step]
+  return order
 
 
 class Layout:
@@ -122,8 +159,13 @@ class Layout:
     seq_len: n, the number of tokens.
     block_size: tile width of the block-sparse structure.
     num_heads: number of heads the pattern is defined for.
-    components: tuple of `Component`, token-disjoint.
+    components: tuple of `Component`, token-disjoint; each one's
+      table_heads divides num_heads.
     name: a short human-readable description.
+
+  Raises:
+    ValueError: a component's tables do not fit seq_len, block_size and
+      num_heads.
   """
 
   def __init__(self, seq_len: int, block_size: int, num_heads: int,
@@ -133,6 +175,19 @@ class Layout:
     self.num_heads = int(num_heads)
     self.components = tuple(components)
     self.name = name
+    nb = self.num_blocks
+    for i, comp in enumerate(self.components):
+      t = comp.table_heads
+      if t <= 0 or self.num_heads % t:
+        raise ValueError(f"components[{i}].table_heads ({t}) must divide "
+                         f"num_heads ({self.num_heads})")
+      if comp.row_ptr.shape != (t * nb + 1,):
+        raise ValueError(f"components[{i}].row_ptr must have shape "
+                         f"[table_heads * nb + 1] = [{t * nb + 1}], got "
+                         f"{comp.row_ptr.shape}")
+      if comp.perm is not None and comp.perm.shape != (t, self.seq_len):
+        raise ValueError(f"components[{i}].perm must have shape [table_heads, "
+                         f"n] = [{t}, {self.seq_len}], got {comp.perm.shape}")
 
   @property
   def num_blocks(self) -> int:
@@ -151,7 +206,8 @@ class Layout:
       full = int(np.count_nonzero(comp.mask_idx < 0))
       mask_sizes = comp.masks.sum(axis=(1, 2), dtype=np.int64)
       partial = comp.mask_idx[comp.mask_idx >= 0]
-      total += full * self.block_size**2 + int(mask_sizes[partial].sum())
+      pairs = full * self.block_size**2 + int(mask_sizes[partial].sum())
+      total += pairs * (self.num_heads // comp.table_heads)
     return total
 
   def density(self) -> float:
@@ -167,17 +223,16 @@ class Layout:
     n, bs, nb = self.seq_len, self.block_size, self.num_blocks
     out = np.zeros((self.num_heads, n, n), np.bool_)
     for comp in self.components:
-      rows = comp.tile_rows()
-      for h in range(self.num_heads):
+      perms = _perm_of(comp, n)
+      for t, tiles in enumerate(_component_tiles(comp, nb)):
         kernel = np.zeros((nb, bs, nb, bs), np.bool_)
-        sel = rows // nb == h
-        qb, kb, mid = rows[sel] % nb, comp.col_idx[sel], comp.mask_idx[sel]
-        tiles = np.ones((qb.shape[0], bs, bs), np.bool_)
-        tiles[mid >= 0] = comp.masks[mid[mid >= 0]].astype(np.bool_)
-        kernel[qb, :, kb, :] = tiles
-        kernel = kernel.reshape(n, n)
-        perm = np.arange(n) if comp.perm is None else comp.perm[h]
-        out[h][np.ix_(perm, perm)] |= kernel
+        mid = tiles.mask_idx
+        blocks = np.ones((mid.shape[0], bs, bs), np.bool_)
+        blocks[mid >= 0] = comp.masks[mid[mid >= 0]].astype(np.bool_)
+        kernel[tiles.qb, :, tiles.kb, :] = blocks
+        original = np.zeros((n, n), np.bool_)
+        original[np.ix_(perms[t], perms[t])] = kernel.reshape(n, n)
+        out[t::comp.table_heads] |= original
     return out
 
   def block_mask(self) -> np.ndarray:
@@ -201,19 +256,20 @@ class Layout:
         np.asarray(key, np.int64))
     found = np.zeros(head.shape, np.bool_)
     for comp in self.components:
-      found |= _component_contains(comp, self, head, query, key)
+      found |= _component_contains(comp, self, head % comp.table_heads, query,
+                                   key)
     return found
 
 
-def _component_contains(comp: Component, lay: Layout, head, query, key):
-  """Membership of (head, query, key) token triples in one component."""
+def _component_contains(comp: Component, lay: Layout, table_head, query, key):
+  """Membership of (table head, query, key) token triples in one component."""
   nb, bs = lay.num_blocks, lay.block_size
   if comp.perm is not None:
     inverse = np.argsort(comp.perm, axis=1)
-    query, key = inverse[head, query], inverse[head, key]
+    query, key = inverse[table_head, query], inverse[table_head, key]
   rows = comp.tile_rows()
   tile_key = rows * nb + comp.col_idx  # sorted: rows ascend, columns ascend
-  wanted = (head * nb + query // bs) * nb + key // bs
+  wanted = (table_head * nb + query // bs) * nb + key // bs
   pos = np.searchsorted(tile_key, wanted)
   pos_clipped = np.minimum(pos, max(comp.nnz - 1, 0))
   hit = (pos < comp.nnz) & (tile_key[pos_clipped] == wanted) if comp.nnz else (
@@ -244,15 +300,63 @@ def _check_common(seq_len: int, block_size: int, num_heads: int) -> None:
     raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
 
 
+class _TileClassifier:
+  """Evaluates a token predicate on whole tiles and numbers their masks.
+
+  Args:
+    block_size: tile width.
+    pred: token predicate in kernel coordinates.
+
+  Attributes:
+    masks: list of np.bool_ [bs, bs], the distinct partial masks seen.
+  """
+
+  def __init__(self, block_size: int, pred: TokenPredicate):
+    self.block_size = block_size
+    self.pred = pred
+    self.masks = []
+    self._ids = {}  # packed mask bytes -> index into masks
+
+  def __call__(self, qb: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """Classifies tiles (qb[i], kb[i]).
+
+    Args:
+      qb, kb: int arrays [t] of query and key blocks (kernel order).
+
+    Returns:
+      int64 [t]: -2 for an empty tile, -1 for a full one, else the index of
+      its mask in `masks`.
+    """
+    bs = self.block_size
+    ar = np.arange(bs, dtype=np.int64)
+    status = np.empty(qb.shape[0], np.int64)
+    for c0 in range(0, qb.shape[0], _TILE_CHUNK):
+      p = qb[c0:c0 + _TILE_CHUNK, None, None] * bs + ar[None, :, None]
+      q = kb[c0:c0 + _TILE_CHUNK, None, None] * bs + ar[None, None, :]
+      tiles = np.broadcast_to(self.pred(p, q), (p.shape[0], bs, bs))
+      flat = tiles.reshape(p.shape[0], bs * bs)
+      chunk = np.where(flat.all(axis=1), -1, -2)
+      for i in np.flatnonzero(flat.any(axis=1) & (chunk == -2)).tolist():
+        key = np.packbits(flat[i]).tobytes()
+        if key not in self._ids:
+          self._ids[key] = len(self.masks)
+          self.masks.append(tiles[i].copy())
+        chunk[i] = self._ids[key]
+      status[c0:c0 + _TILE_CHUNK] = chunk
+    return status
+
+
 def _head_blocks(seq_len: int, block_size: int, pred: TokenPredicate,
                  causal: bool, period: Optional[int], reach: Optional[int]):
   """Classifies the tiles of one head's pattern in kernel coordinates.
 
   When `period` is given, the predicate must satisfy pred(p + P, q + P) ==
   pred(p, q), and for tiles at least `reach` blocks off the diagonal it must
-  depend only on the sign of the offset and the positions modulo P. Tiles
-  with the same (clipped offset, query phase, key phase) then share one mask
-  and the predicate is evaluated once per such signature.
+  depend only on the sign of the offset and the positions modulo P. Such
+  tiles are classified once per (sign, query phase, key phase) and only the
+  non-empty ones are enumerated; tiles nearer the diagonal are classified
+  once per (offset, query phase). Without a period every candidate tile is
+  evaluated.
 
   Args:
     seq_len: n.
@@ -265,11 +369,12 @@ def _head_blocks(seq_len: int, block_size: int, pred: TokenPredicate,
   Returns:
     `Tiles` of the non-empty tiles, sorted by (qb, kb).
   """
-  bs = block_size
-  nb = seq_len // bs
-  ar = np.arange(bs, dtype=np.int64)
-  cache = {}  # signature -> -2 (empty), -1 (full) or index into `masks`
-  masks = []
+  nb = seq_len // block_size
+  classify = _TileClassifier(block_size, pred)
+  if period is not None:
+    qb, kb, status = _periodic_blocks(nb, block_size, classify, causal,
+                                      period, reach)
+    return Tiles(qb, kb, status, classify.masks)
   out_q, out_k, out_m = [], [], []
   rows_per_chunk = max(1, _PAIR_CHUNK // nb)
   for r0 in range(0, nb, rows_per_chunk):
@@ -277,74 +382,169 @@ def _head_blocks(seq_len: int, block_size: int, pred: TokenPredicate,
                          np.arange(nb), indexing="ij")
     keep = kb <= qb if causal else np.ones(qb.shape, np.bool_)
     qb, kb = qb[keep].astype(np.int64), kb[keep].astype(np.int64)
-    if period is None:
-      sig = qb * nb + kb
-    else:
-      off = np.clip(qb - kb, -reach, reach) + reach
-      sig = (off * period + (qb * bs) % period) * period + (kb * bs) % period
-    uniq, first, inverse = np.unique(sig, return_index=True,
-                                     return_inverse=True)
-    new = np.array([s not in cache for s in uniq.tolist()], np.bool_)
-    new_sig, new_first = uniq[new], first[new]
-    for c0 in range(0, new_sig.shape[0], _TILE_CHUNK):
-      idx = new_first[c0:c0 + _TILE_CHUNK]
-      p = qb[idx, None, None] * bs + ar[None, :, None]
-      q = kb[idx, None, None] * bs + ar[None, None, :]
-      tiles = np.broadcast_to(pred(p, q), (idx.shape[0], bs, bs))
-      for s, tile in zip(new_sig[c0:c0 + _TILE_CHUNK].tolist(), tiles):
-        if not tile.any():
-          cache[s] = -2
-        elif tile.all():
-          cache[s] = -1
-        else:
-          cache[s] = len(masks)
-          masks.append(tile.copy())
-    status = np.array([cache[s] for s in uniq.tolist()], np.int64)[inverse]
+    status = classify(qb, kb)
     nonempty = status > -2
     out_q.append(qb[nonempty])
     out_k.append(kb[nonempty])
     out_m.append(status[nonempty])
   return Tiles(np.concatenate(out_q), np.concatenate(out_k),
-               np.concatenate(out_m), masks)
+               np.concatenate(out_m), classify.masks)
 
 
-def _assemble(seq_len: int, block_size: int, per_head_tiles: Sequence[Tiles],
+def _periodic_blocks(nb, block_size, classify, causal, period, reach):
+  """The non-empty tiles of a periodic predicate (see `_head_blocks`).
+
+  A block b has phase b mod bp, bp = P / gcd(P, block_size): its tokens'
+  positions modulo P depend on nothing else. Row qb's tiles, in key order,
+  are the far-left ones (kb <= qb - reach), the band (|qb - kb| < reach)
+  and the far-right ones (kb >= qb + reach). The far tiles of a side in a
+  row of phase a are a slice of one sequence per (side, a): the key blocks
+  of the non-empty key phases, period after period. Every row is thus three
+  slices of a source table, gathered at once.
+
+  Args:
+    nb: blocks.
+    block_size: tile width.
+    classify: a `_TileClassifier` of the predicate.
+    causal: only tiles with kb <= qb are candidates.
+    period: P.
+    reach: the band's half width in blocks (at least 1).
+
+  Returns:
+    (qb, kb, status), int32 [t], sorted by (qb, kb); status as
+    `_TileClassifier` gives it (-1 or a mask index).
+  """
+  bp = period // np.gcd(period, block_size)
+  rows = np.arange(nb, dtype=np.int64)
+  phase = rows % bp  # (nb,)
+  band_row, band_kb, band_status = _band_blocks(nb, bp, classify, causal,
+                                                reach)
+  band_count = np.bincount(band_row, minlength=nb)
+  # Per source: (kb, status) tables, and each row's slice start and length.
+  band = (band_kb, band_status, np.cumsum(band_count) - band_count,
+          band_count)
+  far = []  # far-left, then (not causal) far-right
+  sides = [(1, 0, rows - reach + 1)]  # (sign, first, stop): kb in [first, stop)
+  if not causal:
+    sides.append((-1, rows + reach, np.full(nb, nb)))
+  a, c = np.meshgrid(np.arange(bp), np.arange(bp), indexing="ij")
+  last_a, last_c = a + (nb - 1 - a) // bp * bp, c + (nb - 1 - c) // bp * bp
+  periods = -(-nb // bp)
+  for sign, first, stop in sides:
+    # One tile per (query phase a, key phase c): the pair farthest apart on
+    # this side of the diagonal, which is in range when any such tile is.
+    qb, kb = (last_a, c) if sign > 0 else (a, last_c)
+    exists = (a < nb) & (c < nb) & (sign * (qb - kb) >= reach)
+    status = np.full((bp, bp), -2, np.int64)
+    status[exists] = classify(qb[exists], kb[exists])
+    kept = status > -2  # (bp, bp)
+    per_phase = kept.sum(axis=1)  # (bp,) key phases with tiles
+    # below[a, x]: key phases < x with tiles, (bp, bp + 1)
+    below = np.concatenate([np.zeros((bp, 1), np.int64),
+                            np.cumsum(kept, axis=1)], axis=1)
+
+    def count(stops):  # tiles of each row with kb < stops: (nb,)
+      stops = np.maximum(stops, 0)
+      return stops // bp * per_phase[phase] + below[phase, stops % bp]
+
+    # The sequence of phase a: (periods, per_phase[a]) key blocks, flattened.
+    seq_kb = [(np.arange(periods)[:, None] * bp + c[x][kept[x]]).ravel()
+              for x in range(bp)]
+    seq_status = [np.tile(status[x][kept[x]], periods) for x in range(bp)]
+    seq_start = np.cumsum(per_phase * periods) - per_phase * periods
+    lo, hi = count(first), count(np.maximum(stop, first))
+    far.append((np.concatenate(seq_kb), np.concatenate(seq_status),
+                seq_start[phase] + lo, hi - lo))
+  # Row by row: far-left, band, far-right slices.
+  sources = far[:1] + [band] + far[1:]
+  src_kb = np.concatenate([s[0] for s in sources]).astype(np.int32)
+  src_status = np.concatenate([s[1] for s in sources]).astype(np.int32)
+  src_offset = np.cumsum([0] + [s[0].shape[0] for s in sources[:-1]])
+  starts = np.stack([s[2] + o for s, o in zip(sources, src_offset)], axis=1)
+  lengths = np.stack([s[3] for s in sources], axis=1)  # (nb, parts)
+  idx = _range_concat(starts.ravel(), lengths.ravel())
+  qb = np.repeat(np.arange(nb, dtype=np.int32), lengths.sum(axis=1))
+  return qb, src_kb[idx], src_status[idx]
+
+
+def _band_blocks(nb, bp, classify, causal, reach):
+  """The non-empty tiles with |qb - kb| < reach (see `_periodic_blocks`).
+
+  Args:
+    nb: blocks.
+    bp: blocks per phase period.
+    classify: a `_TileClassifier` of the predicate.
+    causal: only tiles with kb <= qb are candidates.
+    reach: the band's half width in blocks (at least 1).
+
+  Returns:
+    (qb, kb, status), int64, sorted by (qb, kb).
+  """
+  offsets = np.arange(reach - 1, -1 if causal else -reach, -1)  # kb ascends
+  # One tile per (offset, query phase): the first row of that phase whose
+  # key block qb - offset is in range.
+  off, a = np.meshgrid(offsets, np.arange(bp), indexing="ij")
+  lo = np.maximum(off, 0)
+  qb = a + np.maximum(0, -(-(lo - a) // bp)) * bp
+  exists = (qb < nb) & (qb - off < nb)
+  status = np.full(off.shape, -2, np.int64)  # (offsets, bp)
+  status[exists] = classify(qb[exists], qb[exists] - off[exists])
+  rows = np.arange(nb, dtype=np.int64)[:, None]
+  kbs = rows - offsets[None, :]  # (nb, offsets)
+  tile = status[:, rows[:, 0] % bp].T  # (nb, offsets)
+  keep = (kbs >= 0) & (kbs < nb) & (tile > -2)
+  row, col = np.nonzero(keep)
+  return row, kbs[row, col], tile[row, col]
+
+
+def _assemble(seq_len: int, block_size: int, head_tiles: Sequence[Tiles],
               perm: Optional[np.ndarray]) -> Component:
-  """Packs per-head `Tiles` into one `Component` with a shared mask table."""
+  """Packs `Tiles` (sorted, one per table head) into one `Component`.
+
+  Args:
+    seq_len: n.
+    block_size: tile width.
+    head_tiles: the T table heads' tiles; the same object may repeat.
+    perm: int [T, n] or None.
+
+  Returns:
+    A `Component` with T table heads and a shared mask table.
+  """
   nb = seq_len // block_size
   mask_ids = {}
   mask_list = []
-  rows, cols, mids = [], [], []
-  for h, tiles in enumerate(per_head_tiles):
-    remap = np.zeros(len(tiles.masks) + 1, np.int64)
-    remap[-1] = -1  # index -1 (full) maps to -1
+  remaps = {}  # id(tiles) -> mask index map (last entry: full stays -1)
+  for tiles in head_tiles:
+    if id(tiles) in remaps:
+      continue
+    remap = np.full(len(tiles.masks) + 1, -1, np.int32)
     for t, m in enumerate(tiles.masks):
       key = np.packbits(m).tobytes()
       if key not in mask_ids:
         mask_ids[key] = len(mask_list)
         mask_list.append(m)
       remap[t] = mask_ids[key]
-    rows.append(h * nb + tiles.qb)
-    cols.append(tiles.kb)
-    mids.append(remap[tiles.mask_idx])
-  rows = np.concatenate(rows).astype(np.int64)
-  cols = np.concatenate(cols).astype(np.int64)
-  order = np.lexsort((cols, rows))
-  row_ptr = np.zeros(len(per_head_tiles) * nb + 1, np.int64)
-  np.add.at(row_ptr, rows + 1, 1)
+    remaps[id(tiles)] = remap
+  counts = np.concatenate([np.bincount(tiles.qb, minlength=nb)
+                           for tiles in head_tiles])
+  row_ptr = np.zeros(len(head_tiles) * nb + 1, np.int64)
+  np.cumsum(counts, out=row_ptr[1:])
   masks = (np.stack(mask_list).astype(np.uint8) if mask_list else
            np.zeros((0, block_size, block_size), np.uint8))
   return Component(
       perm=None if perm is None else np.asarray(perm, np.int32),
-      row_ptr=np.cumsum(row_ptr).astype(np.int32),
-      col_idx=cols[order].astype(np.int32),
-      mask_idx=np.concatenate(mids)[order].astype(np.int32),
-      masks=masks)
+      row_ptr=row_ptr.astype(np.int32),
+      col_idx=np.concatenate([t.kb for t in head_tiles]).astype(
+          np.int32, copy=False),
+      mask_idx=np.concatenate([remaps[id(t)][t.mask_idx]
+                               for t in head_tiles]),
+      masks=masks, table_heads=len(head_tiles))
 
 
 def _from_predicates(seq_len, block_size, head_preds, causal, period, reach,
                      perm=None) -> Component:
-  """Builds a component from one predicate per head (shared work is reused)."""
+  """Builds a component from one predicate per table head (reusing shared
+  work)."""
   built = {}
   blocks = []
   for pred in head_preds:
@@ -428,16 +628,53 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
                                     num_summary_patterns,
                                     own_window=part == "summary"))
     return Layout(seq_len, block_size, num_heads, comps, name=name)
-  # The local part is the same for every head: build it once.
-  slots = [make_pred(s) for s in range(
-      1 if part == "local" else num_summary_patterns)]
-  preds = [slots[h % len(slots)] for h in range(num_heads)]
+  # The local part is the same for every head: one table head.
+  table_heads = (1 if part == "local" else
+                 _pattern_heads(num_summary_patterns, num_heads))
+  slots = [make_pred(s) for s in range(min(num_summary_patterns,
+                                           table_heads))]
+  preds = [slots[t % len(slots)] for t in range(table_heads)]
   comp = _from_predicates(seq_len, block_size, preds, causal, period=l,
                           reach=_reach(l, block_size))
   return Layout(seq_len, block_size, num_heads, [comp], name=name)
 
 
-def _ranges(starts: np.ndarray, stops: np.ndarray):
+def _pattern_heads(num_patterns: int, num_heads: int) -> int:
+  """Table heads of a pattern that cycles num_patterns variants over heads.
+
+  Args:
+    num_patterns: variants; head h has variant h mod num_patterns.
+    num_heads: heads of the layout.
+
+  Returns:
+    num_patterns when it divides num_heads (head h reads table head h mod
+    num_patterns), else num_heads.
+  """
+  return num_patterns if num_heads % num_patterns == 0 else num_heads
+
+
+def _range_concat(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """The ranges [starts[i], starts[i] + lengths[i]) concatenated, vectorised.
+
+  Args:
+    starts: int [r], each range's first value.
+    lengths: int [r], each range's length (0 allowed).
+
+  Returns:
+    int64 [sum(lengths)].
+  """
+  keep = lengths > 0
+  starts, lengths = starts[keep].astype(np.int64), lengths[keep]
+  step = np.ones(int(lengths.sum()), np.int64)
+  if step.shape[0]:
+    # Each range's first entry steps from the previous range's last one.
+    step[0] = starts[0]
+    step[np.cumsum(lengths)[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1]
+                                                  - 1)
+  return np.cumsum(step, out=step)
+
+
+def _ranges(starts, stops):
   """The ranges [starts[i], stops[i]) concatenated, vectorised.
 
   Returns:
@@ -445,8 +682,7 @@ def _ranges(starts: np.ndarray, stops: np.ndarray):
   """
   counts = stops - starts
   owner = np.repeat(np.arange(counts.shape[0]), counts)
-  first = np.repeat(np.cumsum(counts) - counts, counts)  # each range's start
-  return owner, starts[owner] + np.arange(owner.shape[0]) - first
+  return owner, _range_concat(starts, counts)
 
 
 def _summary_component(seq_len, block_size, stride, summary, num_heads,
@@ -470,13 +706,14 @@ def _summary_component(seq_len, block_size, stride, summary, num_heads,
       summary part alone); without it they belong to the local part.
 
   Returns:
-    A `Component` with a per-head permutation.
+    A `Component` with a permutation per table head.
   """
   n, bs, l, c = seq_len, block_size, stride, summary
   nb = n // bs
   tokens = np.arange(n, dtype=np.int64)
+  table_heads = _pattern_heads(num_patterns, num_heads)
   perms, heads_tiles = {}, {}
-  for slot in range(min(num_patterns, num_heads)):
+  for slot in range(min(num_patterns, table_heads)):
     first = l - c * (slot + 1)  # the slot is [first, first + c) mod l
     in_slot = (tokens % l >= first) & (tokens % l < first + c)
     perm = np.concatenate([tokens[in_slot], tokens[~in_slot]])  # (n,)
@@ -486,18 +723,16 @@ def _summary_component(seq_len, block_size, stride, summary, num_heads,
     prefix = prefix.reshape(nb, bs)  # (nb, bs) per query block
     full = prefix.min(axis=1) // bs  # key blocks [0, full) are full tiles
     end = -(-prefix.max(axis=1) // bs)  # partial tiles in [full, end)
-    full_qb, full_kb = _ranges(np.zeros(nb, np.int64), full)
-    part_qb, part_kb = _ranges(full, end)
+    qb, kb = _ranges(np.zeros(nb, np.int64), end)  # sorted by (qb, kb)
+    part = kb >= full[qb]
     # (partial, bs) keys of the tile attended by each query row
-    reach = np.clip(prefix[part_qb] - part_kb[:, None] * bs, 0, bs)
+    reach = np.clip(prefix[qb[part]] - kb[part, None] * bs, 0, bs)
     shapes, mask_of = np.unique(reach, axis=0, return_inverse=True)
     masks = [np.arange(bs)[None, :] < row[:, None] for row in shapes]
-    tiles = Tiles(np.concatenate([full_qb, part_qb]),
-                  np.concatenate([full_kb, part_kb]),
-                  np.concatenate([np.full(full_qb.shape[0], -1),
-                                  mask_of.reshape(-1)]), masks)
-    perms[slot], heads_tiles[slot] = perm, tiles
-  slots = [h % num_patterns for h in range(num_heads)]
+    mask_idx = np.full(qb.shape[0], -1, np.int64)
+    mask_idx[part] = mask_of.reshape(-1)
+    perms[slot], heads_tiles[slot] = perm, Tiles(qb, kb, mask_idx, masks)
+  slots = [t % num_patterns for t in range(table_heads)]
   return _assemble(n, bs, [heads_tiles[s] for s in slots],
                    np.stack([perms[s] for s in slots]))
 
@@ -508,7 +743,7 @@ def _stride_perm(seq_len: int, stride: int) -> np.ndarray:
   return np.lexsort((i // stride, i % stride))
 
 
-def _stride_component(seq_len, block_size, stride, num_heads, causal,
+def _stride_component(seq_len, block_size, stride, causal,
                       strict) -> Component:
   """A2 of the strided pattern as causal attention within residue chunks."""
   perm = _stride_perm(seq_len, stride)
@@ -524,9 +759,8 @@ def _stride_component(seq_len, block_size, stride, num_heads, causal,
     period, reach = seq_len // stride, _reach(seq_len // stride, block_size)
   else:  # chunks of two lengths: no common period, evaluate every tile
     period, reach = None, None
-  return _from_predicates(seq_len, block_size, [pred] * num_heads, causal,
-                          period, reach,
-                          perm=np.tile(perm[None], (num_heads, 1)))
+  return _from_predicates(seq_len, block_size, [pred], causal, period, reach,
+                          perm=perm[None])
 
 
 def strided(seq_len: int, block_size: int = 32, stride: int = 128,
@@ -558,23 +792,21 @@ def strided(seq_len: int, block_size: int = 32, stride: int = 128,
     raise ValueError(f"stride must be positive, got {stride}")
   comps = []
   if part in ("local", "both"):
-    comps.append(_window_component(seq_len, block_size, stride, num_heads,
-                                   causal))
+    comps.append(_window_component(seq_len, block_size, stride, causal))
   if part in ("stride", "both"):
-    comps.append(_stride_component(seq_len, block_size, stride, num_heads,
-                                   causal, strict=part == "both"))
+    comps.append(_stride_component(seq_len, block_size, stride, causal,
+                                   strict=part == "both"))
   return Layout(seq_len, block_size, num_heads, comps,
                 name=f"strided(l={stride}, part={part}, causal={causal})")
 
 
-def _window_component(seq_len, block_size, window, num_heads,
-                      causal) -> Component:
+def _window_component(seq_len, block_size, window, causal) -> Component:
   """i - window < j <= i (causal) or |i - j| < window."""
   def pred(i, j):
     d = i - j
     return (d >= 0) & (d < window) if causal else np.abs(d) < window
-  return _from_predicates(seq_len, block_size, [pred] * num_heads, causal,
-                          period=1, reach=_reach(window, block_size))
+  return _from_predicates(seq_len, block_size, [pred], causal, period=1,
+                          reach=_reach(window, block_size))
 
 
 def local(seq_len: int, block_size: int = 32, window: int = 128,
@@ -594,7 +826,7 @@ def local(seq_len: int, block_size: int = 32, window: int = 128,
   _check_common(seq_len, block_size, num_heads)
   if window <= 0:
     raise ValueError(f"window must be positive, got {window}")
-  comp = _window_component(seq_len, block_size, window, num_heads, causal)
+  comp = _window_component(seq_len, block_size, window, causal)
   return Layout(seq_len, block_size, num_heads, [comp],
                 name=f"local(window={window}, causal={causal})")
 
@@ -611,9 +843,8 @@ def causal(seq_len: int, block_size: int = 32, num_heads: int = 1) -> Layout:
     A `Layout`.
   """
   _check_common(seq_len, block_size, num_heads)
-  comp = _from_predicates(seq_len, block_size,
-                          [lambda i, j: j <= i] * num_heads, True, period=1,
-                          reach=1)
+  comp = _from_predicates(seq_len, block_size, [lambda i, j: j <= i], True,
+                          period=1, reach=1)
   return Layout(seq_len, block_size, num_heads, [comp], name="causal")
 
 
@@ -631,8 +862,8 @@ def dense(seq_len: int, block_size: int = 32, num_heads: int = 1) -> Layout:
   _check_common(seq_len, block_size, num_heads)
   comp = _from_predicates(
       seq_len, block_size,
-      [lambda i, j: np.ones(np.broadcast_shapes(i.shape, j.shape), np.bool_)] *
-      num_heads, False, period=1, reach=1)
+      [lambda i, j: np.ones(np.broadcast_shapes(i.shape, j.shape), np.bool_)],
+      False, period=1, reach=1)
   return Layout(seq_len, block_size, num_heads, [comp], name="dense")
 
 
@@ -661,30 +892,63 @@ def from_mask(mask: np.ndarray, block_size: int = 32) -> Layout:
   return Layout(n, block_size, heads, [comp], name="from_mask")
 
 
-def _empty_component(seq_len, block_size, num_heads) -> Component:
+def _empty_component(seq_len, block_size, table_heads) -> Component:
   nb = seq_len // block_size
-  return Component(None, np.zeros(num_heads * nb + 1, np.int32),
+  return Component(None, np.zeros(table_heads * nb + 1, np.int32),
                    np.zeros(0, np.int32), np.zeros(0, np.int32),
-                   np.zeros((0, block_size, block_size), np.uint8))
+                   np.zeros((0, block_size, block_size), np.uint8), table_heads)
+
+
+def _expand(comp: Component, table_heads: int) -> Component:
+  """The component's tables repeated for `table_heads` table heads.
+
+  Args:
+    comp: a `Component`.
+    table_heads: a multiple of comp.table_heads.
+
+  Returns:
+    comp itself when the counts agree, else a `Component` whose table head
+    t holds comp's table head t mod comp.table_heads.
+  """
+  reps, rest = divmod(table_heads, comp.table_heads)
+  if rest:
+    raise ValueError(f"table_heads ({table_heads}) must be a multiple of the "
+                     f"component's ({comp.table_heads})")
+  if reps == 1:
+    return comp
+  counts = np.tile(np.diff(comp.row_ptr), reps)  # (table_heads * nb,)
+  return Component(
+      perm=None if comp.perm is None else np.tile(comp.perm, (reps, 1)),
+      row_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+      col_idx=np.tile(comp.col_idx, reps),
+      mask_idx=np.tile(comp.mask_idx, reps), masks=comp.masks,
+      table_heads=table_heads)
+
+
+def _layout_table_heads(lay: Layout) -> int:
+  """Returns the least table-head count every component of `lay` expands to
+  (the lcm of their table_heads)."""
+  return int(np.lcm.reduce([c.table_heads for c in lay.components] + [1]))
 
 
 def _component_tiles(comp: Component, nb: int) -> list:
-  """Splits a component into per-head `Tiles` (sharing its mask table)."""
-  rows = comp.tile_rows()
-  heads = (comp.row_ptr.shape[0] - 1) // nb
+  """Splits a component into one `Tiles` per table head (sharing its masks)."""
   masks = [m.astype(np.bool_) for m in comp.masks]
   out = []
-  for h in range(heads):
-    sel = rows // nb == h
-    out.append(Tiles(rows[sel] % nb, comp.col_idx[sel].astype(np.int64),
-                     comp.mask_idx[sel].astype(np.int64), masks))
+  for t in range(comp.table_heads):
+    lo, hi = comp.row_ptr[t * nb], comp.row_ptr[(t + 1) * nb]
+    counts = np.diff(comp.row_ptr[t * nb:(t + 1) * nb + 1])
+    out.append(Tiles(np.repeat(np.arange(nb, dtype=np.int64), counts),
+                     comp.col_idx[lo:hi].astype(np.int64),
+                     comp.mask_idx[lo:hi].astype(np.int64), masks))
   return out
 
 
-def _perm_of(comp: Component, num_heads: int, seq_len: int) -> np.ndarray:
-  """Returns int32 [heads, n]: the component's token order (identity if None)."""
+def _perm_of(comp: Component, seq_len: int) -> np.ndarray:
+  """Returns int32 [T, n]: the component's token order (identity if None)."""
   if comp.perm is None:
-    return np.tile(np.arange(seq_len, dtype=np.int32)[None], (num_heads, 1))
+    return np.tile(np.arange(seq_len, dtype=np.int32)[None],
+                   (comp.table_heads, 1))
   return comp.perm
 
 
@@ -720,19 +984,26 @@ def _or_tiles(a: Tiles, b: Tiles, block_size: int) -> Tiles:
 
 
 def _subtract(comp: Component, lay: Layout, other: Layout) -> Component:
-  """Removes from `comp` (a component of `lay`) the tokens `other` attends."""
+  """Removes from `comp` (a component of `lay`) the tokens `other` attends.
+
+  Returns:
+    A `Component` with the least common multiple of the table heads of comp
+    and other's components.
+  """
   nb, bs = lay.num_blocks, lay.block_size
-  perm = _perm_of(comp, lay.num_heads, lay.seq_len)
+  comp = _expand(comp, int(np.lcm(comp.table_heads,
+                                  _layout_table_heads(other))))
+  perm = _perm_of(comp, lay.seq_len)
   ar = np.arange(bs)
   per_head_tiles = []
-  for h, tiles in enumerate(_component_tiles(comp, nb)):
-    rows = perm[h][tiles.qb[:, None, None] * bs + ar[None, :, None]]
-    cols = perm[h][tiles.kb[:, None, None] * bs + ar[None, None, :]]
+  for t, tiles in enumerate(_component_tiles(comp, nb)):
+    rows = perm[t][tiles.qb[:, None, None] * bs + ar[None, :, None]]
+    cols = perm[t][tiles.kb[:, None, None] * bs + ar[None, None, :]]
     rows, cols = np.broadcast_arrays(rows, cols)
-    taken = other.contains(np.full(rows.shape, h), rows, cols)
+    taken = other.contains(np.full(rows.shape, t), rows, cols)
     kept = {}
-    for t, (key, mask) in enumerate(_tile_list(tiles, bs)):
-      remaining = mask & ~taken[t]
+    for i, (key, mask) in enumerate(_tile_list(tiles, bs)):
+      remaining = mask & ~taken[i]
       if remaining.any():
         kept[key] = remaining
     per_head_tiles.append(_tiles_from_dict(kept))
@@ -771,25 +1042,24 @@ def union(*layouts: Layout) -> Layout:
   """
   _check_compatible(layouts, same_heads=True)
   result = layouts[0]
+  n, bs, nb = result.seq_len, result.block_size, result.num_blocks
   for other in layouts[1:]:
-    nb = result.num_blocks
     comps = list(result.components)
     for oc in other.components:
       # Keep only tokens no component of `result` holds yet; then merge tile by
-      # tile into a component over the same order, or append.
+      # tile into a component over the same order (both tables expanded to
+      # their common table heads), or append.
       oc = _subtract(oc, other, result)
-      same = [i for i, c in enumerate(comps)
-              if np.array_equal(_perm_of(c, result.num_heads, result.seq_len),
-                                _perm_of(oc, result.num_heads,
-                                         result.seq_len))]
-      if same:
-        i = same[0]
-        comps[i] = _assemble(
-            result.seq_len, result.block_size,
-            [_or_tiles(a, b, result.block_size)
-             for a, b in zip(_component_tiles(comps[i], nb),
-                             _component_tiles(oc, nb))],
-            comps[i].perm)
+      for i, comp in enumerate(comps):
+        heads = int(np.lcm(comp.table_heads, oc.table_heads))
+        mine, theirs = _expand(comp, heads), _expand(oc, heads)
+        if np.array_equal(_perm_of(mine, n), _perm_of(theirs, n)):
+          comps[i] = _assemble(
+              n, bs, [_or_tiles(a, b, bs)
+                      for a, b in zip(_component_tiles(mine, nb),
+                                      _component_tiles(theirs, nb))],
+              mine.perm)
+          break
       else:
         comps.append(oc)
     result = Layout(result.seq_len, result.block_size, result.num_heads, comps,
@@ -812,14 +1082,15 @@ def per_head(*layouts: Layout) -> Layout:
   num = max(len(lay.components) for lay in layouts)
   comps = []
   for c in range(num):
-    parts = [lay.components[c] if c < len(lay.components) else
-             _empty_component(n, bs, lay.num_heads) for lay in layouts]
+    # Each layout's tables for all its heads, concatenated in head order.
+    parts = [_expand(lay.components[c] if c < len(lay.components) else
+                     _empty_component(n, bs, 1), lay.num_heads)
+             for lay in layouts]
     tiles = []
-    for lay, part in zip(layouts, parts):
+    for part in parts:
       tiles.extend(_component_tiles(part, nb))
     any_perm = any(p.perm is not None for p in parts)
-    perm = (np.concatenate([_perm_of(p, lay.num_heads, n)
-                            for lay, p in zip(layouts, parts)])
+    perm = (np.concatenate([_perm_of(p, n) for p in parts])
             if any_perm else None)
     comps.append(_assemble(n, bs, tiles, perm))
   return Layout(n, bs, sum(lay.num_heads for lay in layouts), comps,

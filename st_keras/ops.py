@@ -146,6 +146,7 @@ def resolve_implementation(name: Optional[str] = None) -> str:
 
 
 def _tables(layout: layouts_lib.Layout, index: int) -> dict:
+  """The op's inputs for one component: its T-head tables, unexpanded."""
   cache = layout.__dict__.setdefault("_st_keras_tensors", {})
   if index not in cache:
     comp = layout.components[index]
@@ -157,6 +158,7 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
               np.zeros((0, 0), np.int32) if perm is None else perm),
           "inverse_perm": None if perm is None else tf.constant(
               np.argsort(perm, axis=1).astype(np.int32)),
+          # Whether every head has the same order (one gather for all).
           "shared_perm": perm is None or bool((perm == perm[:1]).all()),
           "row_ptr": tf.constant(comp.row_ptr),
           "col_idx": tf.constant(comp.col_idx),
@@ -171,43 +173,47 @@ def _tables(layout: layouts_lib.Layout, index: int) -> dict:
 
 
 def _padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
-  """Row tables padded to the longest row, for the pure-TF gather."""
+  """Row tables of the component's T table heads padded to the longest row,
+  for the pure-TF gather (head h reads table head h % T)."""
   cache = layout.__dict__.setdefault("_st_keras_padded", {})
   if index not in cache:
     comp = layout.components[index]
-    nb, bs, heads = layout.num_blocks, layout.block_size, layout.num_heads
+    nb, bs, t_heads = layout.num_blocks, layout.block_size, comp.table_heads
     counts = np.diff(comp.row_ptr.astype(np.int64))
     width = max(1, int(counts.max()) if counts.size else 1)
     rows = comp.tile_rows()
     slot = np.arange(comp.nnz) - comp.row_ptr[rows]
     num_masks = comp.masks.shape[0]
     empty, full = num_masks, num_masks + 1
-    # Padding slots (fully masked) gather the row's head's first block: their
-    # zero-weight gradients (0 * NaN is NaN) stay in that head.
-    gather = np.repeat(np.arange(heads * nb, dtype=np.int32) // nb * nb,
-                       width).reshape(heads * nb, width)
-    mask_sel = np.full((heads * nb, width), empty, np.int32)
-    gather[rows, slot] = (rows // nb) * nb + comp.col_idx
+    # Key block of each slot. Padding slots (fully masked) gather the head's
+    # first block: their zero-weight gradients (0 * NaN is NaN) stay in
+    # that head.
+    gather = np.zeros((t_heads * nb, width), np.int32)
+    mask_sel = np.full((t_heads * nb, width), empty, np.int32)
+    gather[rows, slot] = comp.col_idx
     mask_sel[rows, slot] = np.where(comp.mask_idx < 0, full, comp.mask_idx)
     masks = np.concatenate([comp.masks.astype(np.bool_),
                             np.zeros((1, bs, bs), np.bool_),
                             np.ones((1, bs, bs), np.bool_)])
-    perm = (np.tile(np.arange(layout.seq_len, dtype=np.int32), (heads, 1))
+    perm = (np.tile(np.arange(layout.seq_len, dtype=np.int32), (t_heads, 1))
             if comp.perm is None else comp.perm)
-    # Original position of every gathered key: [heads, nb, width * bs].
-    key_block_pos = perm.reshape(heads * nb, bs)[gather.reshape(-1)]
+    # Original position of every gathered key: [T, nb, width * bs].
+    key_block_pos = np.take_along_axis(
+        perm.reshape(t_heads, nb, bs), gather.reshape(t_heads, nb * width, 1),
+        axis=1)
     query_rows = np.argsort(perm, axis=1).astype(np.int32)
-    mask_sel = mask_sel.reshape(heads, nb, width)
-    key_block_pos = key_block_pos.reshape(heads, nb, width * bs)
+    mask_sel = mask_sel.reshape(t_heads, nb, width)
+    key_block_pos = key_block_pos.reshape(t_heads, nb, width * bs)
     with tf.init_scope():
       cache[index] = {
           "width": width,
-          # Kernel position of every original position: [heads, n].
+          "table_heads": t_heads,
+          # Kernel position of every original position: [T, n].
           "query_rows": tf.constant(query_rows),
           # Whether every head has the same rows (decoding gathers once).
           "same_heads": all((x == x[:1]).all() for x in (
               query_rows, mask_sel, key_block_pos)),
-          "gather": tf.constant(gather.reshape(-1)),
+          "gather": tf.constant(gather.reshape(t_heads, nb * width)),
           "mask_sel": tf.constant(mask_sel),
           "masks": tf.constant(masks),
           "key_positions": tf.constant(key_block_pos),
@@ -253,10 +259,12 @@ def attended_keys(layout: layouts_lib.Layout, position):
     heads = 1
   keys, valid = [], []
   for t in tables:
-    row = t["query_rows"][:heads, position]  # (heads,) kernel position
+    table = tf.range(heads) % t["table_heads"]  # (heads,) table head
+    row = tf.gather(t["query_rows"], table)[:, position]  # (heads,)
     block, offset = row // bs, row % bs
-    keys.append(tf.gather(t["key_positions"][:heads], block, batch_dims=1))
-    sel = tf.gather(t["mask_sel"][:heads], block, batch_dims=1)
+    keys.append(tf.gather(tf.gather(t["key_positions"], table), block,
+                          batch_dims=1))
+    sel = tf.gather(tf.gather(t["mask_sel"], table), block, batch_dims=1)
     # (heads, width): the query's row of each tile's token mask
     rows = tf.broadcast_to(offset[:, None], tf.shape(sel))
     mask = tf.gather_nd(t["masks"], tf.stack([sel, rows], axis=-1))
@@ -269,10 +277,21 @@ def attended_keys(layout: layouts_lib.Layout, position):
 # Permutations.
 
 
-def _permute(x, perm, shared: bool):
-  """Gathers axis 2 of x [B, H, n, ...] by perm [H, n] (per head)."""
+def _permute(x, perm, shared: bool, heads: int):
+  """Gathers axis 2 of x [B, H, n, ...] by perm [T, n]: head h by row h % T.
+
+  Args:
+    x: [B, H, n, ...] tensor.
+    perm: int32 [T, n], T dividing H.
+    shared: every row of perm is the same (one gather for all heads).
+    heads: H.
+
+  Returns:
+    x with axis 2 of head h gathered by perm[h % T].
+  """
   if shared:
     return tf.gather(x, perm[0], axis=2)
+  perm = tf.gather(perm, tf.range(heads) % tf.shape(perm)[0])  # (H, n)
   rank = len(x.shape)
   order = [1, 0] + list(range(2, rank))
   xt = tf.transpose(x, order)  # (H, B, n, ...)
@@ -354,18 +373,26 @@ def _component_pure_tf(q, k, v, layout, index, scale, key_lengths):
   q32, k32, v32 = (tf.cast(x, tf.float32) for x in (q, k, v))
   qb = tf.reshape(q32, [batch, heads, nb, bs, d])  # (B, H, nb, bs, d)
   kv_shape = [batch, heads, nb, width * bs, d]
+  # Row of [B, H * nb, bs, d] gathered by each slot of each head.
+  table = tf.range(heads) % t["table_heads"]  # (H,) table head of each head
+  gather = tf.reshape(tf.gather(t["gather"], table) +
+                      tf.range(heads)[:, None] * nb, [-1])  # (H * nb * width,)
   kg = tf.reshape(tf.gather(tf.reshape(k32, [batch, heads * nb, bs, d]),
-                            t["gather"], axis=1), kv_shape)
+                            gather, axis=1), kv_shape)
   vg = tf.reshape(tf.gather(tf.reshape(v32, [batch, heads * nb, bs, d]),
-                            t["gather"], axis=1), kv_shape)
+                            gather, axis=1), kv_shape)
   scores = tf.einsum("bhnqd,bhnkd->bhnqk", qb, kg) * scale
   # (B, H, nb, bs, width * bs)
-  mask = tf.gather(t["masks"], t["mask_sel"])  # (H, nb, width, bs, bs)
+  mask = tf.gather(t["masks"], t["mask_sel"])  # (T, nb, width, bs, bs)
   mask = tf.reshape(tf.transpose(mask, [0, 1, 3, 2, 4]),
-                    [1, heads, nb, bs, width * bs])
+                    [1, t["table_heads"], nb, bs, width * bs])
+  key_positions = t["key_positions"]  # (T, nb, width * bs)
+  if t["table_heads"] != 1:  # else both broadcast over the heads
+    mask = tf.gather(mask, table, axis=1)  # (1, H, nb, bs, width * bs)
+    key_positions = tf.gather(key_positions, table)  # (H, nb, width * bs)
   if key_lengths is not None:
-    valid = (t["key_positions"][None] <
-             tf.reshape(key_lengths, [-1, 1, 1, 1]))  # (B, H, nb, width*bs)
+    valid = (key_positions[None] <
+             tf.reshape(key_lengths, [-1, 1, 1, 1]))  # (B, H|1, nb, width*bs)
     mask = tf.logical_and(mask, valid[:, :, :, None, :])
   probs, row_max, total = masked_exp(scores, mask)  # total: (B, H, nb, bs)
   has_key = tf.not_equal(total, 0.0)  # a NaN score makes the row NaN
@@ -508,8 +535,8 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
     qc, kc, vc = q, k, v
     if comp.perm is not None:
       perm = tables["key_positions"]
-      qc, kc, vc = (_permute(x, perm, tables["shared_perm"])
-                    for x in (q, k, v))
+      qc, kc, vc = (_permute(x, perm, tables["shared_perm"],
+                             layout.num_heads) for x in (q, k, v))
     if impl == "custom_op":
       kl = (tf.zeros([0], tf.int32) if key_lengths is None else key_lengths)
       parts = _component_custom_op(qc, kc, vc, tables, scale, kl)
@@ -518,7 +545,8 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
                                  key_lengths)
     if comp.perm is not None:
       inverse = tables["inverse_perm"]
-      parts = [_permute(x, inverse, tables["shared_perm"]) for x in parts]
+      parts = [_permute(x, inverse, tables["shared_perm"], layout.num_heads)
+               for x in parts]
     for results, x in zip((outs, lses, stats), parts):
       results.append(x)
   if len(outs) == 1:

@@ -197,6 +197,43 @@ def test_gradients_match_reference(name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch,heads,patterns,part", [
+    (1, 4, 2, "both"),   # table heads 2 of 4
+    (3, 6, 3, "both"),   # table heads 3 of 6
+    (2, 5, 1, "both"),   # one table head for 5 heads
+    (2, 4, 2, "summary"),
+])
+def test_tables_shared_by_heads_match_reference(impl, batch, heads, patterns,
+                                                part):
+  # Heads h and h + P read the same tables (table head h % P): forward and
+  # gradients must still be each head's own attention.
+  lay = layouts.union(
+      layouts.fixed(192, 16, stride=48, summary=16, num_heads=heads,
+                    num_summary_patterns=patterns, part=part),
+      layouts.strided(192, 16, stride=40, num_heads=heads, part="stride"))
+  assert {c.table_heads for c in lay.components} == {patterns}
+  rng = np.random.default_rng(heads * 10 + batch)
+  q, k, v = _inputs(batch, heads, lay.seq_len, 32, rng=rng)
+  dout = rng.standard_normal(q.shape).astype(np.float32)
+  lengths = np.array([lay.seq_len - 29 * b for b in range(batch)], np.int32)
+  mask = lay.to_dense()
+  np.testing.assert_array_equal(mask, mask[np.arange(heads) % patterns])
+  assert patterns == 1 or (mask[0] != mask[1]).any()
+  want_out, _ = reference.attention(q, k, v, mask, 0.3, lengths)
+  want = reference.attention_grads(q, k, v, mask, 0.3, dout, lengths)
+  qt, kt, vt = (tf.constant(x) for x in (q, k, v))
+  with tf.GradientTape() as tape:
+    tape.watch([qt, kt, vt])
+    out = ops.block_sparse_attention(qt, kt, vt, lay, scale=0.3,
+                                     key_lengths=lengths, implementation=impl)
+    loss = tf.reduce_sum(out * dout)
+  np.testing.assert_allclose(out.numpy(), want_out, atol=2e-5, rtol=1e-4)
+  for g, w, label in zip(tape.gradient(loss, [qt, kt, vt]), want, "qkv"):
+    np.testing.assert_allclose(g.numpy(), w, atol=5e-5, rtol=1e-3,
+                               err_msg=f"d{label}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["fixed", "strided"])
 def test_numerical_gradient(name, impl):
   lay = {"fixed": lambda: layouts.fixed(32, 16, 16, 4, 1),
@@ -414,6 +451,12 @@ class TestBadInput:
       (lambda c: dict(key_lengths=np.ones(3, np.int32)), "key_lengths"),
       (lambda c: dict(key_positions=np.ones((2, 5), np.int32)),
        "key_positions"),
+      # One table head: key_positions must be [1, n], not [heads, n].
+      (lambda c: dict(key_positions=np.zeros((2, 128), np.int32)),
+       r"key_positions must have shape \[table_heads, n\] = \[1, 128\]"),
+      # Three table heads do not divide the two heads.
+      (lambda c: dict(row_ptr=np.zeros(3 * 4 + 1, np.int32)),
+       "table_heads dividing heads = 2"),
       (lambda c: dict(scale=0.0), "scale"),
       (lambda c: dict(q=np.ones((1, 2, 128), np.float32)), "rank 4"),
   ])

@@ -57,7 +57,9 @@ def test_c_abi_checks_its_kernels_and_reports_errors_without_a_gpu():
   assert forward(None) == "problem is null"
   problem = c_abi.Problem(batch=2, heads=4, seq_len=256, head_dim=64,
                           block_size=64, dtype=c_abi.DTYPES["float16"],
-                          scale=0.125)
+                          scale=0.125, table_heads=3)
+  assert "table_heads must divide heads = 4, got 3" in forward(problem)
+  problem.table_heads = 2  # heads 0 and 2 share tables, as 1 and 3 do
   assert forward(problem).startswith("no CUDA driver"), forward(problem)
   assert lib.backward(problem, *[None] * 11).startswith(
       "the backward pass needs the column-major table")
@@ -104,10 +106,10 @@ def test_aot_compiles_cubins_for_each_architecture(tmp_path):
     assert len(cubin) == int(size) and _cubin_sm(cubin) == int(arch)
     assert int(warps) >= 1 and 0 < int(shared) <= 163 * 1024
     assert scratch == profile == "0"
-    # Tensors and tables (pointers), scale, n, heads, four flags, and the
-    # two scratch pointers Triton appends.
+    # Tensors and tables (pointers), scale, n, heads, table heads, four
+    # flags, and the two scratch pointers Triton appends.
     pointers = 12 if name == "bsa_forward" else 13
-    assert params == ",".join(["u64"] * pointers + ["f32"] + ["u32"] * 6 +
+    assert params == ",".join(["u64"] * pointers + ["f32"] + ["u32"] * 7 +
                               ["u64"] * 2)
 
 

@@ -59,7 +59,9 @@ def test_fixed_summary_narrower_than_a_tile_is_not_computed_half_empty(
   lay = layouts.fixed(4096, block, stride=128, summary=32, num_heads=heads,
                       num_summary_patterns=patterns)
   assert len(lay.components) == 2 and lay.components[1].perm is not None
-  computed = sum(c.nnz for c in lay.components) * block * block
+  # Tiles computed for all heads (heads sharing tables compute them each).
+  computed = sum(c.nnz * (heads // c.table_heads)
+                 for c in lay.components) * block * block
   assert computed / lay.num_pairs() < bound
 
 
@@ -189,6 +191,133 @@ def test_large_layouts_build_quickly_and_stay_sparse():
   assert layouts.strided(65536, 32, 128, 4).density() < 0.01
 
 
+@pytest.mark.parametrize("make", [
+    lambda heads: layouts.fixed(65536, 32, 1024, 32, num_heads=heads),
+    lambda heads: layouts.strided(65536, 32, 1024, num_heads=heads),
+])
+def test_heads_sharing_a_pattern_store_it_once(make):
+  many, one = make(8), make(1)
+  assert many.num_pairs() == 8 * one.num_pairs() > 0
+  for comp, single in zip(many.components, one.components, strict=True):
+    assert comp.table_heads == 1
+    assert comp.nnz == single.nnz > 0
+    assert comp.row_ptr.shape == single.row_ptr.shape
+    assert comp.perm is None or comp.perm.shape == (1, 65536)
+
+
+def _expanded(lay):
+  """The same layout with per-head tables (table_heads = num_heads)."""
+  return layouts.Layout(
+      lay.seq_len, lay.block_size, lay.num_heads,
+      [layouts._expand(c, lay.num_heads) for c in lay.components],  # pylint: disable=protected-access
+      name=lay.name)
+
+
+@pytest.mark.parametrize("make,table_heads", [
+    (lambda: layouts.fixed(256, 16, 64, 16, 6, num_summary_patterns=1), [1]),
+    (lambda: layouts.fixed(256, 16, 64, 16, 6, num_summary_patterns=2), [2]),
+    (lambda: layouts.fixed(256, 16, 64, 16, 6, num_summary_patterns=3), [3]),
+    # Summary slots narrower than a tile: a shared local part and the summary
+    # tokens gathered in front per pattern.
+    (lambda: layouts.fixed(256, 32, 64, 16, 6, num_summary_patterns=3),
+     [1, 3]),
+    (lambda: layouts.fixed(256, 16, 64, 8, 6, num_summary_patterns=4),
+     [1, 6]),  # 4 does not divide 6: per-head summary tables
+    (lambda: layouts.strided(240, 16, 40, 6), [1, 1]),
+    (lambda: layouts.local(192, 32, 50, 4, causal=False), [1]),
+    (lambda: layouts.per_head(layouts.fixed(128, 16, 32, 8, 2),
+                              layouts.strided(128, 16, 32, 4)), [6, 6]),
+    (lambda: layouts.union(layouts.fixed(128, 16, 32, 8, 4,
+                                         num_summary_patterns=2),
+                           layouts.strided(128, 16, 24, 4)), [2, 2, 2]),
+])
+def test_shared_tables_equal_per_head_tables(make, table_heads):
+  lay = make()
+  assert [c.table_heads for c in lay.components] == table_heads
+  full = _expanded(lay)
+  assert all(c.table_heads == lay.num_heads for c in full.components)
+  dense = lay.to_dense()
+  np.testing.assert_array_equal(dense, full.to_dense())
+  assert lay.num_pairs() == full.num_pairs() == int(dense.sum())
+  rng = np.random.default_rng(7)
+  h, i, j = (rng.integers(0, hi, 3000)
+             for hi in (lay.num_heads, lay.seq_len, lay.seq_len))
+  np.testing.assert_array_equal(lay.contains(h, i, j), dense[h, i, j])
+  np.testing.assert_array_equal(full.contains(h, i, j), dense[h, i, j])
+  assert dense[h, i, j].any() and not dense[h, i, j].all()
+
+
+def test_layout_rejects_tables_whose_heads_do_not_divide_num_heads():
+  comp = layouts.fixed(128, 16, 32, 16, 3, num_summary_patterns=2).components[0]
+  assert comp.table_heads == 3
+  with pytest.raises(ValueError, match=r"table_heads \(3\) must divide "
+                     r"num_heads \(4\)"):
+    layouts.Layout(128, 16, 4, [comp])
+  with pytest.raises(ValueError, match="row_ptr"):
+    layouts.Layout(256, 16, 3, [comp])
+
+
+def _tile_masks(comp, block_size):
+  """bool [nnz, bs, bs]: every tile's token mask (full tiles all True)."""
+  tiles = np.ones((comp.nnz, block_size, block_size), np.bool_)
+  partial = comp.mask_idx >= 0
+  tiles[partial] = comp.masks[comp.mask_idx[partial]].astype(np.bool_)
+  return tiles
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layouts.fixed(512, 16, 64, 16, 2, num_summary_patterns=2),
+    lambda: layouts.fixed(480, 32, 96, 32, 1, causal=False),
+    lambda: layouts.fixed(448, 16, 40, 8, 3, num_summary_patterns=3),
+    lambda: layouts.fixed(384, 64, 200, 40, 1, part="summary", causal=False),
+    lambda: layouts.fixed(512, 128, 128, 32, 2, part="local"),
+    lambda: layouts.strided(512, 16, 64, 2),
+    lambda: layouts.strided(576, 32, 48, 1, causal=False),
+    lambda: layouts.strided(480, 16, 100, 1, part="stride"),  # n % l != 0
+    lambda: layouts.strided(384, 64, 24, 1, part="local", causal=False),
+    lambda: layouts.local(320, 16, 37, 1),
+    lambda: layouts.local(320, 32, 70, 2, causal=False),
+    lambda: layouts.causal(256, 16, 2),
+    lambda: layouts.dense(192, 32, 1),
+    # The benchmark's patterns (block 32, stride 1024), shorter.
+    lambda: layouts.fixed(4096, 32, 1024, 32, 2),
+    lambda: layouts.strided(8192, 32, 1024, 2),
+])
+def test_periodic_construction_equals_evaluating_every_tile(make,
+                                                            monkeypatch):
+  fast = make()
+  generic = layouts._head_blocks  # pylint: disable=protected-access
+  monkeypatch.setattr(
+      layouts, "_head_blocks",
+      lambda n, bs, pred, causal, period, reach: generic(n, bs, pred, causal,
+                                                         None, None))
+  slow = make()
+  assert len(fast.components) == len(slow.components)
+  for a, b in zip(fast.components, slow.components):
+    assert a.table_heads == b.table_heads
+    np.testing.assert_array_equal(a.row_ptr, b.row_ptr)
+    np.testing.assert_array_equal(a.col_idx, b.col_idx)
+    np.testing.assert_array_equal(_tile_masks(a, fast.block_size),
+                                  _tile_masks(b, slow.block_size))
+    assert a.perm is None if b.perm is None else np.array_equal(a.perm,
+                                                                b.perm)
+  assert fast.num_pairs() > 0
+
+
+def test_column_tables_list_the_tiles_by_key_block():
+  comp = layouts.fixed(512, 16, 64, 16, 4,
+                       num_summary_patterns=2).components[0]
+  nb = 32
+  col_ptr, row_idx, col_mask_idx = comp.column_tables(nb)
+  rows = comp.tile_rows()
+  want = sorted(zip(rows // nb, comp.col_idx, rows % nb, comp.mask_idx))
+  heads = np.repeat(np.arange(2 * nb), np.diff(col_ptr))
+  got = list(zip(heads // nb, heads % nb, row_idx, col_mask_idx))
+  assert got == [tuple(w) for w in want]
+  with pytest.raises(ValueError, match="num_blocks"):
+    comp.column_tables(nb * 2)
+
+
 def test_save_layout_png(tmp_path):
   path = plotting.save_layout_png(layouts.fixed(256, 16, 64, 16, 1),
                                   os.path.join(tmp_path, "fixed.png"))
@@ -222,3 +351,11 @@ def test_layouts_import_without_tensorflow():
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=repo))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("bound", [1, 300, 2**16, 2**16 + 1, 2**35])
+def test_stable_argsort_equals_numpy(bound):
+  keys = np.random.default_rng(bound).integers(0, bound, 5000)
+  keys[:40] = keys[40:80]  # ties, kept in order
+  order = layouts._stable_argsort(keys, bound)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))

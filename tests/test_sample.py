@@ -84,8 +84,11 @@ def test_generate_keeps_the_prompt_and_is_seeded():
                      layouts.strided(96, 16, stride=16, num_heads=2,
                                      part="stride")),
     layouts.causal(64, 16, num_heads=1),
+    # Two table heads for four heads: head h reads table head h % 2.
+    layouts.fixed(96, 16, stride=32, summary=16, num_heads=4,
+                  num_summary_patterns=2),
 ], ids=["fixed", "fixed_summary_only", "strided_ragged", "multihead",
-        "dense"])
+        "dense", "fixed_shared_tables"])
 def test_attended_keys_are_the_row_of_the_layout(layout):
   dense = layout.to_dense()  # (heads, n, n): the token truth
   heads, n = dense.shape[:2]

@@ -106,11 +106,13 @@ class CAbi:
   def _problem(q, tables, scale, key_lengths, original_order,
                accumulate) -> c_abi.Problem:
     batch, heads, n, head_dim = q.shape
+    block = tables["masks"].shape[-1]
     ptr = lambda t: t.data_ptr() if t is not None and t.numel() else None  # pylint: disable=unnecessary-lambda-assignment
     return c_abi.Problem(
         batch=batch, heads=heads, seq_len=n, head_dim=head_dim,
-        block_size=tables["masks"].shape[-1], dtype=DTYPE_IDS[q.dtype],
-        scale=scale, row_ptr=ptr(tables["row_ptr"]),
+        block_size=block, dtype=DTYPE_IDS[q.dtype], scale=scale,
+        table_heads=(tables["row_ptr"].numel() - 1) // (n // block),
+        row_ptr=ptr(tables["row_ptr"]),
         col_idx=ptr(tables["col_idx"]), mask_idx=ptr(tables["mask_idx"]),
         col_ptr=ptr(tables["col_ptr"]), row_idx=ptr(tables["row_idx"]),
         col_mask_idx=ptr(tables["col_mask_idx"]),

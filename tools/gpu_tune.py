@@ -54,8 +54,9 @@ def launcher(name, x, block, head_dim, warps, stages):
   t = x["tables"]
   n, heads = x["q"].shape[2], x["q"].shape[1]
   grid = (n // block, x["q"].shape[0] * heads)
+  table_heads = (t["row_ptr"].numel() - 1) // (n // block)
   # No key lengths; kernel order, no accumulation (one component alone).
-  flags = (head_dim ** -0.5, n, heads, 0,
+  flags = (head_dim ** -0.5, n, heads, table_heads, 0,
            int(t["key_positions"].numel() > 0), 0, 0)
   common = dict(BLOCK=block, HEAD_DIM=head_dim, num_warps=warps,
                 num_stages=stages)

@@ -39,7 +39,8 @@ PARAM_TYPES = {
     "RowPtr": "*i32", "ColIdx": "*i32", "MaskIdx": "*i32", "ColPtr": "*i32",
     "RowIdx": "*i32", "ColMaskIdx": "*i32", "KeyLengths": "*i32",
     "KeyPositions": "*i32", "Masks": "*u8", "scale": "fp32", "n": "i32",
-    "num_heads": "i32", "has_key_lengths": "i32", "has_key_positions": "i32",
+    "num_heads": "i32", "table_heads": "i32", "has_key_lengths": "i32",
+    "has_key_positions": "i32",
     "original_order": "i32", "accumulate": "i32", "rows": "i32",
 }
 TENSORS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")

@@ -24,7 +24,7 @@ class Problem(ctypes.Structure):
   _fields_ = ([(name, ctypes.c_int64)
                for name in ("batch", "heads", "seq_len", "head_dim")] +
               [("block_size", ctypes.c_int32), ("dtype", ctypes.c_int32),
-               ("scale", ctypes.c_float)] +
+               ("scale", ctypes.c_float), ("table_heads", ctypes.c_int64)] +
               [(name, ctypes.c_void_p)
                for name in ("row_ptr", "col_idx", "mask_idx", "col_ptr",
                             "row_idx", "col_mask_idx", "masks")] +

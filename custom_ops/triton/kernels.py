@@ -9,18 +9,20 @@ attribute tt.divisibility=16 (as Triton's JIT does for 16-byte aligned
 pointers and multiples of 16): without it the tile loads are not pipelined
 and the forward needs 255 registers instead of about 140.
 
-Tables (int32): tiles of query block r of head h are entries
-row_ptr[h * nb + r] .. row_ptr[h * nb + r + 1] of col_idx (key block) and
+Tables (int32) describe table_heads heads T, T dividing num_heads: head h
+reads table head t = h % T (heads that share a pattern share its tables).
+Tiles of query block r of table head t are entries
+row_ptr[t * nb + r] .. row_ptr[t * nb + r + 1] of col_idx (key block) and
 mask_idx (-1: full tile, else a row of masks [M, BLOCK, BLOCK] uint8, indexed
 [query][key]). The column-major table (`Component.column_tables`) holds the
-same tiles by key block: entries col_ptr[h * nb + c] .. col_ptr[h * nb + c + 1]
+same tiles by key block: entries col_ptr[t * nb + c] .. col_ptr[t * nb + c + 1]
 of row_idx (query block) and col_mask_idx. Keys whose original position
-(key_positions[h, p] when has_key_positions, else p) is >= key_lengths[b]
+(key_positions[t, p] when has_key_positions, else p) is >= key_lengths[b]
 are masked when has_key_lengths.
 
 Two flags merge a layout's components in the kernels (launch.attention):
 with original_order (needs has_key_positions) the tensors are in original
-token order and kernel position p of head h lives at row key_positions[h, p]
+token order and kernel position p of head h lives at row key_positions[t, p]
 (no permuted copies); with accumulate the forward continues the online
 softmax from Out and Stats (a previous component's rows, out = acc / l
 rescaled by l), and the backward kernels add to DQ, DK, DV. Without them a
@@ -160,20 +162,20 @@ else:
 
 
 @triton.jit
-def _block_rows(KeyPositions, h, block, n, has_key_lengths, has_key_positions,
+def _block_rows(KeyPositions, t, block, n, has_key_lengths, has_key_positions,
                 original_order, BLOCK: tl.constexpr):
   """Original positions and memory rows of one block of kernel positions.
 
   Args:
-    KeyPositions: *i32 [H, n], original position of each kernel position.
-    h: head.
+    KeyPositions: *i32 [T, n], original position of each kernel position.
+    t: table head.
     block: kernel block.
     n: sequence length.
     has_key_lengths: whether the positions are compared with key lengths
       (else they are needed only to address original order).
     has_key_positions: whether KeyPositions is given (else the identity).
     original_order: whether the tensors are in original order (row
-      KeyPositions[h, p] holds kernel position p) rather than kernel order.
+      KeyPositions[t, p] holds kernel position p) rather than kernel order.
     BLOCK: tile width.
 
   Returns:
@@ -184,7 +186,7 @@ def _block_rows(KeyPositions, h, block, n, has_key_lengths, has_key_positions,
   positions = rows
   if has_key_positions != 0:
     if (has_key_lengths != 0) | (original_order != 0):
-      positions = tl.load(KeyPositions + h.to(tl.int64) * n + rows)
+      positions = tl.load(KeyPositions + t.to(tl.int64) * n + rows)
       if original_order != 0:
         rows = positions
   return positions, rows
@@ -227,8 +229,8 @@ def _and_tile_mask(allowed, Masks, mask_id, transposed: tl.constexpr,
 @triton.jit
 def bsa_forward(Q, K, V, Out, Lse, Stats,
                 RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
-                scale, n, num_heads, has_key_lengths, has_key_positions,
-                original_order, accumulate,
+                scale, n, num_heads, table_heads, has_key_lengths,
+                has_key_positions, original_order, accumulate,
                 BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """Online-softmax attention of one query block of one (batch, head).
 
@@ -242,7 +244,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   r = tl.num_programs(0) - 1 - tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // num_heads
-  h = bh % num_heads
+  th = bh % num_heads % table_heads  # table head
   nb = n // BLOCK
   offs_m = tl.arange(0, BLOCK)
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
@@ -252,7 +254,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   Out += head * HEAD_DIM
   Lse += head
   Stats += 2 * head
-  _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
+  _, rows = _block_rows(KeyPositions, th, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
@@ -266,11 +268,11 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
     l_i = tl.exp(tl.load(Stats + 2 * rows + 1))
     acc = tl.load(Out + _row_offsets(rows, HEAD_DIM)).to(
         tl.float32) * l_i[:, None]
-  start = tl.load(RowPtr + h * nb + r)
-  end = tl.load(RowPtr + h * nb + r + 1)
+  start = tl.load(RowPtr + th * nb + r)
+  end = tl.load(RowPtr + th * nb + r + 1)
   for t in range(start, end):
     key_block = tl.load(ColIdx + t)
-    positions, keys = _block_rows(KeyPositions, h, key_block, n,
+    positions, keys = _block_rows(KeyPositions, th, key_block, n,
                                   has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
     k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
@@ -318,8 +320,8 @@ def bsa_backward_delta(Out, DOut, DLse, Delta, rows,
 def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
                       ColPtr, RowIdx, ColMaskIdx, Masks, KeyLengths,
                       KeyPositions,
-                      scale, n, num_heads, has_key_lengths, has_key_positions,
-                      original_order, accumulate,
+                      scale, n, num_heads, table_heads, has_key_lengths,
+                      has_key_positions, original_order, accumulate,
                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """dK and dV of one key block of one (batch, head), by the column table.
 
@@ -330,7 +332,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   c = tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // num_heads
-  h = bh % num_heads
+  th = bh % num_heads % table_heads  # table head
   nb = n // BLOCK
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
@@ -341,7 +343,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   DV += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  positions, keys = _block_rows(KeyPositions, h, c, n, has_key_lengths,
+  positions, keys = _block_rows(KeyPositions, th, c, n, has_key_lengths,
                                 has_key_positions, original_order,
                                 BLOCK)  # (BLOCK,) key rows
   k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)
@@ -351,10 +353,10 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
 
   dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-  start = tl.load(ColPtr + h * nb + c)
-  end = tl.load(ColPtr + h * nb + c + 1)
+  start = tl.load(ColPtr + th * nb + c)
+  end = tl.load(ColPtr + th * nb + c + 1)
   for t in range(start, end):
-    _, rows = _block_rows(KeyPositions, h, tl.load(RowIdx + t), n,
+    _, rows = _block_rows(KeyPositions, th, tl.load(RowIdx + t), n,
                           has_key_lengths, has_key_positions, original_order,
                           BLOCK)
     q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
@@ -385,8 +387,8 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
 @triton.jit
 def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
                     RowPtr, ColIdx, MaskIdx, Masks, KeyLengths, KeyPositions,
-                    scale, n, num_heads, has_key_lengths, has_key_positions,
-                    original_order, accumulate,
+                    scale, n, num_heads, table_heads, has_key_lengths,
+                    has_key_positions, original_order, accumulate,
                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
   """dQ of one query block of one (batch, head), by the row table.
 
@@ -397,7 +399,7 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   r = tl.num_programs(0) - 1 - tl.program_id(0)
   bh = tl.program_id(1)
   b = bh // num_heads
-  h = bh % num_heads
+  th = bh % num_heads % table_heads  # table head
   nb = n // BLOCK
   head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
@@ -407,7 +409,7 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   DQ += head * HEAD_DIM
   Stats += 2 * head
   Delta += head
-  _, rows = _block_rows(KeyPositions, h, r, n, has_key_lengths,
+  _, rows = _block_rows(KeyPositions, th, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
   q = tl.load(Q + _row_offsets(rows, HEAD_DIM))  # (BLOCK, D)
@@ -419,10 +421,10 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   key_length = _key_length(KeyLengths, b, n, has_key_lengths)
 
   dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-  start = tl.load(RowPtr + h * nb + r)
-  end = tl.load(RowPtr + h * nb + r + 1)
+  start = tl.load(RowPtr + th * nb + r)
+  end = tl.load(RowPtr + th * nb + r + 1)
   for t in range(start, end):
-    positions, keys = _block_rows(KeyPositions, h, tl.load(ColIdx + t), n,
+    positions, keys = _block_rows(KeyPositions, th, tl.load(ColIdx + t), n,
                                   has_key_lengths, has_key_positions,
                                   original_order, BLOCK)
     k = tl.load(K + _row_offsets(keys, HEAD_DIM))  # (BLOCK, D)

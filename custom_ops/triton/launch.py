@@ -61,8 +61,9 @@ def component_tables(component, num_blocks: int, device) -> dict:
   Returns:
     dict of int32 tensors "row_ptr", "col_idx", "mask_idx" (row table),
     "col_ptr", "row_idx", "col_mask_idx" (column table), "key_positions"
-    ([heads, n] the component's permutation, or an empty [0] tensor when it
-    has none), and the uint8 "masks" [num_masks, bs, bs].
+    ([T, n] the component's permutation, or an empty [0] tensor when it
+    has none), and the uint8 "masks" [num_masks, bs, bs]; the tables are
+    the component's T = table_heads heads (head h reads table head h % T).
   """
   col_ptr, row_idx, col_mask_idx = component.column_tables(num_blocks)
   arrays = {
@@ -103,8 +104,8 @@ def _geometry(q, k, v, tables, key_lengths):
     key_lengths: int32 [B] tensor or None.
 
   Returns:
-    (B, H, n, D, BLOCK, key_lengths), key_lengths the int32 tensor to pass
-    (an empty one when None).
+    (B, H, n, D, BLOCK, T, key_lengths): T the tables' heads (from row_ptr's
+    length), key_lengths the int32 tensor to pass (an empty one when None).
 
   Raises:
     ValueError, TypeError: naming the argument that is wrong.
@@ -148,17 +149,18 @@ def _geometry(q, k, v, tables, key_lengths):
   if batch * heads > 65535:
     raise ValueError(f"q: batch * heads ({batch} * {heads}) must be at most "
                      f"65535 (the grid's second axis)")
-  if tables["row_ptr"].numel() != heads * (n // block) + 1:
+  table_heads, rest = divmod(tables["row_ptr"].numel() - 1, n // block)
+  if rest or table_heads < 1 or heads % table_heads:
     raise ValueError(
         f"tables: row_ptr has {tables['row_ptr'].numel()} entries, want "
-        f"heads * n / block + 1 = {heads * (n // block) + 1} for q of shape "
-        f"{tuple(q.shape)}")
+        f"table_heads * n / block + 1 with table_heads dividing heads "
+        f"({heads}) for q of shape {tuple(q.shape)}")
   for name, x in tables.items():
     if x.device != q.device:
       raise ValueError(f"tables[{name!r}] is on {x.device}, q on {q.device}")
-  if tables["key_positions"].numel() not in (0, heads * n):
-    raise ValueError(f"tables: key_positions must be empty or [heads, n] = "
-                     f"[{heads}, {n}], got "
+  if tables["key_positions"].numel() not in (0, table_heads * n):
+    raise ValueError(f"tables: key_positions must be empty or [table_heads, "
+                     f"n] = [{table_heads}, {n}], got "
                      f"{tuple(tables['key_positions'].shape)}")
   if key_lengths is None:
     key_lengths = torch.zeros(0, dtype=torch.int32, device=q.device)
@@ -170,7 +172,8 @@ def _geometry(q, k, v, tables, key_lengths):
                      f"= [{batch}] on {q.device}, got "
                      f"{getattr(key_lengths, 'dtype', type(key_lengths))} "
                      f"{tuple(getattr(key_lengths, 'shape', ()))}")
-  return batch, heads, n, head_dim, block, key_lengths.contiguous()
+  return (batch, heads, n, head_dim, block, table_heads,
+          key_lengths.contiguous())
 
 
 def _check_results(name: str, tensors, shapes, device) -> None:
@@ -224,8 +227,8 @@ def forward(q, k, v, tables: dict, scale: float, key_lengths=None,
     float32 (max score m, log l)); a row with no allowed key gets out 0 and
     lse, m, log l -inf.
   """
-  batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
-                                                        key_lengths)
+  batch, heads, n, head_dim, block, table_heads, lengths = _geometry(
+      q, k, v, tables, key_lengths)
   flags = _io_flags(tables, original_order, results is not None)
   if results is None:
     results = empty_results(q)
@@ -238,7 +241,7 @@ def forward(q, k, v, tables: dict, scale: float, key_lengths=None,
       q, k, v, out, lse, stats,
       tables["row_ptr"], tables["col_idx"], tables["mask_idx"],
       tables["masks"], lengths, tables["key_positions"],
-      float(scale), n, heads, int(key_lengths is not None),
+      float(scale), n, heads, table_heads, int(key_lengths is not None),
       int(tables["key_positions"].numel() > 0), *flags,
       BLOCK=block, HEAD_DIM=head_dim,
       **_options("bsa_forward", (block, head_dim, DTYPES[q.dtype])))
@@ -271,8 +274,8 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
     (dq, dk, dv, delta): the gradients, each [B, H, n, D] in q's dtype, and
     delta = rowsum(dout * out) - dlse, [B * H * n] float32.
   """
-  batch, heads, n, head_dim, block, lengths = _geometry(q, k, v, tables,
-                                                        key_lengths)
+  batch, heads, n, head_dim, block, table_heads, lengths = _geometry(
+      q, k, v, tables, key_lengths)
   shape4 = (batch, heads, n, head_dim)
   for name, x, shape in (("out", out, shape4), ("dout", dout, shape4),
                          ("stats", stats, (batch, heads, n, 2))):
@@ -302,7 +305,7 @@ def backward(q, k, v, out, stats, dout, dlse, tables: dict, scale: float,
     _check_results("grads", grads, (shape4,) * 3 + ((rows,),), q.device)
     dq, dk, dv, delta = grads
   grid = (n // block, batch * heads)
-  args = (float(scale), n, heads, int(key_lengths is not None),
+  args = (float(scale), n, heads, table_heads, int(key_lengths is not None),
           int(tables["key_positions"].numel() > 0), *flags)
   kernels.bsa_backward_dkdv[grid](
       q, k, v, dout, stats, delta, dk, dv,

@@ -105,7 +105,25 @@ CASES = {
                           1, 32, None, None),
     "n_not_multiple_of_stride": (lambda: layouts.strided(
         192, 32, stride=40, num_heads=1), 2, 32, None, None),
+    # Tables shared by heads: 4 heads read 2 table heads (h % 2), and in
+    # the strided case 4 heads read one (both components, one permuted).
+    "fixed_two_table_heads_of_four": (
+        lambda: layouts.fixed(256, 32, stride=128, summary=32, num_heads=4,
+                              num_summary_patterns=2),
+        2, 32, None, [256, 150]),
+    "strided_one_table_head_of_four": (
+        lambda: layouts.strided(256, 32, stride=64, num_heads=4),
+        1, 32, 0.2, [170]),
 }
+
+
+def test_cases_cover_tables_shared_by_heads():
+  shared = {name: [(c.table_heads, make().num_heads)
+                   for c in make().components]
+            for name, (make, *_) in CASES.items()}
+  assert shared["fixed_two_table_heads_of_four"] == [(2, 4)]
+  assert shared["strided_one_table_head_of_four"] == [(1, 4), (1, 4)]
+  assert shared["fixed_block_64"] == [(1, 2), (2, 2)]
 
 
 def _inputs(shape, dtype, seed, count=4):
@@ -265,7 +283,8 @@ def test_nan_in_q_makes_its_row_nan(case):
 
 
 def _brute_force_columns(comp, nb):
-  """Column tables by sorting (head, key block, query block, mask) tuples."""
+  """Column tables by sorting (table head, key block, query block, mask)
+  tuples."""
   heads = (comp.row_ptr.shape[0] - 1) // nb
   tiles = []
   for slot in range(heads * nb):
@@ -306,6 +325,9 @@ def test_bad_inputs_raise_errors_naming_the_argument():
   lay = layouts.causal(64, 32, num_heads=2)
   q = torch.zeros(1, 2, 64, 32)
   tables = launch.component_tables(lay.components[0], lay.num_blocks, "cpu")
+  # Two table heads (a head each) do not fit one head of q.
+  per_head = launch.component_tables(
+      _random_layout(64, 32, 2, seed=1).components[0], 2, "cpu")
   cases = [
       (lambda: launch.attention(q[0], q, q, lay), ValueError, "q must be"),
       (lambda: launch.attention(q.double(), q, q, lay), TypeError, "float16"),
@@ -325,8 +347,11 @@ def test_bad_inputs_raise_errors_naming_the_argument():
       (lambda: launch.attention(q, q, q, "causal"), TypeError, "layout"),
       (lambda: launch.forward(q, q, q.transpose(2, 3), tables, 1.0),
        ValueError, "v must"),
-      (lambda: launch.forward(q[:, :1], q[:, :1], q[:, :1], tables, 1.0),
+      (lambda: launch.forward(q[:, :1], q[:, :1], q[:, :1], per_head, 1.0),
        ValueError, "row_ptr"),
+      (lambda: launch.forward(q, q, q, dict(
+          tables, key_positions=torch.zeros(2, 64, dtype=torch.int32)), 1.0),
+       ValueError, "key_positions"),
       (lambda: launch.backward(q, q, q, q, torch.zeros(1, 2, 64), q, None,
                                tables, 1.0), ValueError, "stats"),
   ]

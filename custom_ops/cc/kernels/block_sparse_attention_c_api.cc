@@ -35,6 +35,10 @@ std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
            " must be 16, 32, 64 or 128 and divide seq_len " +
            std::to_string(p.seq_len);
   }
+  if (p.table_heads < 1 || p.heads % p.table_heads != 0) {
+    return "table_heads must divide heads = " + std::to_string(p.heads) +
+           ", got " + std::to_string(p.table_heads);
+  }
   if (p.dtype < 0 || p.dtype > 2) {
     return "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
            std::to_string(p.dtype);
@@ -50,6 +54,7 @@ std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
   s->key_lengths = p.key_lengths;
   s->key_positions = p.key_positions;
   t->num_heads = static_cast<int>(p.heads);
+  t->table_heads = static_cast<int>(p.table_heads);
   t->num_blocks = static_cast<int>(p.seq_len / p.block_size);
   t->block_size = p.block_size;
   t->num_masks = p.num_masks;

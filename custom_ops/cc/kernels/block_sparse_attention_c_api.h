@@ -6,8 +6,10 @@
  * 1 float16, 2 bfloat16); lse, dlse and delta [batch, heads, seq_len] and
  * stats [batch, heads, seq_len, 2] float32. The layout tables are those of
  * st_keras/layouts.py (row- and column-major), int32, and masks uint8
- * [num_masks, block_size, block_size]. key_lengths ([batch]) and
- * key_positions ([heads, seq_len]) may be null.
+ * [num_masks, block_size, block_size]. The tables describe table_heads
+ * heads T, T dividing heads: head h reads table head h % T (heads that
+ * share a pattern share its tables). key_lengths ([batch]) and
+ * key_positions ([table_heads, seq_len]) may be null.
  *
  * Each function returns 0 on success, else 1 with a message in
  * error[0 .. error_size). `stream` is a CUstream (null: the legacy default
@@ -30,7 +32,8 @@ typedef struct {
   int32_t block_size;
   int32_t dtype;
   float scale;
-  const int32_t* row_ptr;      /* [heads * seq_len / block_size + 1] */
+  int64_t table_heads;         /* T, dividing heads */
+  const int32_t* row_ptr;      /* [T * seq_len / block_size + 1] */
   const int32_t* col_idx;      /* [nnz] */
   const int32_t* mask_idx;     /* [nnz] */
   const int32_t* col_ptr;      /* backward only */
@@ -41,7 +44,8 @@ typedef struct {
   const int32_t* key_lengths;
   const int32_t* key_positions;
   /* Nonzero: the tensors are in original token order, kernel position p of
-   * head h at row key_positions[h * seq_len + p] (needs key_positions). */
+   * head h at row key_positions[(h % T) * seq_len + p] (needs
+   * key_positions). */
   int32_t original_order;
   /* Nonzero: the forward continues the softmax from out and stats (an
    * earlier component of the layout over the same rows), the backward adds

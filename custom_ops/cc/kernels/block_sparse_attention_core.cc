@@ -223,9 +223,10 @@ void MaskTile(const AttentionShape& shape, const LayoutTables& lay, int64_t b,
     const int32_t len = shape.key_lengths[b];
     for (int64_t j = 0; j < bs; ++j) {
       const int64_t p = key_block * bs + j;
-      const int64_t pos = shape.key_positions != nullptr
-                              ? shape.key_positions[h * shape.seq_len + p]
-                              : p;
+      const int64_t pos =
+          shape.key_positions != nullptr
+              ? shape.key_positions[h % lay.table_heads * shape.seq_len + p]
+              : p;
       if (pos < len) continue;
       for (int64_t i = 0; i < bs; ++i) s[i * lds + j] = kNegInf;
     }
@@ -272,10 +273,12 @@ class TileWalk {
   TileWalk(const LayoutTables& lay, int64_t max_merge)
       : lay_(lay), max_merge_(max_merge) {}
 
-  // Starts on query blocks first_block .. first_block + group_blocks - 1.
+  // Starts on query blocks first_block .. first_block + group_blocks - 1 of
+  // `head` (which reads table head head % table_heads).
   void Start(int64_t head, int64_t first_block, int64_t group_blocks) {
     group_blocks_ = group_blocks;
-    const int64_t row = head * lay_.num_blocks + first_block;
+    const int64_t row =
+        head % lay_.table_heads * lay_.num_blocks + first_block;
     for (int64_t g = 0; g < group_blocks; ++g) {
       cursor_[g] = lay_.row_ptr[row + g];
       stop_[g] = lay_.row_ptr[row + g + 1];
@@ -555,9 +558,10 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
   const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
   const int64_t groups = (nb + G - 1) / G;
-  const int64_t nnz = lay.row_ptr[H * nb];
+  const int64_t T = lay.table_heads;
+  const int64_t nnz = lay.row_ptr[T * nb];  // tiles of T heads
   const int64_t tiles_per_group =
-      std::max<int64_t>(1, nnz / std::max<int64_t>(1, H * groups));
+      std::max<int64_t>(1, nnz / std::max<int64_t>(1, T * groups));
   const int64_t cost = tiles_per_group * bs * bs * (4 * d + 20);
   const int64_t workspace = ForwardWorkspaceFloats(shape, lay);
 
@@ -636,9 +640,10 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   const int64_t bs = lay.block_size, nb = lay.num_blocks;
   const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
   const int64_t groups = (nb + G - 1) / G;
-  const int64_t nnz = lay.row_ptr[H * nb];
+  const int64_t T = lay.table_heads;
+  const int64_t nnz = lay.row_ptr[T * nb];  // tiles of T heads
   const int64_t cost =
-      std::max<int64_t>(1, nnz / H) * bs * bs * (10 * d + 30);
+      std::max<int64_t>(1, nnz / T) * bs * bs * (10 * d + 30);
   const float scale = shape.scale;
   const int64_t workspace = BackwardWorkspaceFloats(shape, lay);
 

@@ -188,12 +188,12 @@ class KernelArgs {
 
 // The arguments shared by the three tile kernels after their tensors.
 void AddTableArgs(const AttentionShape& shape, const ComponentIo& io,
-                  const int32_t* ptr, const int32_t* idx,
+                  int table_heads, const int32_t* ptr, const int32_t* idx,
                   const int32_t* mask_idx, const uint8_t* masks,
                   KernelArgs* args) {
   args->Pointer(ptr).Pointer(idx).Pointer(mask_idx).Pointer(masks)
       .Pointer(shape.key_lengths).Pointer(shape.key_positions)
-      .Float(shape.scale).Int(shape.seq_len).Int(shape.heads)
+      .Float(shape.scale).Int(shape.seq_len).Int(shape.heads).Int(table_heads)
       .Int(shape.key_lengths != nullptr).Int(shape.key_positions != nullptr)
       .Int(io.original_order).Int(io.accumulate).Scratch();
 }
@@ -202,8 +202,8 @@ KernelArgs ForwardKernelArgs(const ForwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.out).Pointer(a.lse)
       .Pointer(a.stats);
-  AddTableArgs(a.shape, a.io, a.layout.row_ptr, a.layout.col_idx,
-               a.layout.mask_idx, a.layout.masks, &args);
+  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.row_ptr,
+               a.layout.col_idx, a.layout.mask_idx, a.layout.masks, &args);
   return args;
 }
 
@@ -218,8 +218,8 @@ KernelArgs DkDvKernelArgs(const BackwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
       .Pointer(a.stats).Pointer(a.delta).Pointer(a.dk).Pointer(a.dv);
-  AddTableArgs(a.shape, a.io, a.layout.col_ptr, a.layout.row_idx,
-               a.layout.col_mask_idx, a.layout.masks, &args);
+  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.col_ptr,
+               a.layout.row_idx, a.layout.col_mask_idx, a.layout.masks, &args);
   return args;
 }
 
@@ -227,8 +227,8 @@ KernelArgs DqKernelArgs(const BackwardArgs& a) {
   KernelArgs args;
   args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
       .Pointer(a.stats).Pointer(a.delta).Pointer(a.dq);
-  AddTableArgs(a.shape, a.io, a.layout.row_ptr, a.layout.col_idx,
-               a.layout.mask_idx, a.layout.masks, &args);
+  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.row_ptr,
+               a.layout.col_idx, a.layout.mask_idx, a.layout.masks, &args);
   return args;
 }
 

@@ -25,7 +25,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // How a launch addresses the tensors of one component of a layout.
 struct ComponentIo {
   // The tensors are in original token order: kernel position p of head h is
-  // row shape.key_positions[h * n + p] (which must be given), instead of
+  // row shape.key_positions[(h % table_heads) * n + p] (which must be
+  // given), instead of
   // the component's kernel order.
   bool original_order = false;
   // Forward: continue the softmax from out and stats (a previous component

@@ -43,7 +43,7 @@ absl::Status CopyTablesToDevice(OpKernelContext* ctx, bool backward,
                                 Inputs* in, Tensor* ints, Tensor* masks) {
   auto& lay = in->layout;
   auto& shape = in->shape;
-  const int64_t rows = shape.heads * lay.num_blocks + 1;
+  const int64_t rows = int64_t{lay.table_heads} * lay.num_blocks + 1;
   std::vector<std::pair<const int32_t**, int64_t>> tables = {
       {&lay.row_ptr, rows}, {&lay.col_idx, in->nnz},
       {&lay.mask_idx, in->nnz}};
@@ -58,7 +58,8 @@ absl::Status CopyTablesToDevice(OpKernelContext* ctx, bool backward,
     tables.push_back({&shape.key_lengths, shape.batch});
   }
   if (shape.key_positions != nullptr) {
-    tables.push_back({&shape.key_positions, shape.heads * shape.seq_len});
+    tables.push_back(
+        {&shape.key_positions, int64_t{lay.table_heads} * shape.seq_len});
   }
   std::vector<int64_t> offsets;
   int64_t total = 0;

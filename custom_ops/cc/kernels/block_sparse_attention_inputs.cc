@@ -14,17 +14,17 @@ namespace {
 constexpr int kForwardLayoutInput = 3;
 constexpr int kGradLayoutInput = 7;
 
-// Checks the tile table: ptr [heads * nb + 1] nondecreasing from 0 to nnz,
-// idx in [0, nb), mask ids in [-1, num_masks).
+// Checks the tile table: ptr [table_heads * nb + 1] nondecreasing from 0 to
+// nnz, idx in [0, nb), mask ids in [-1, num_masks).
 absl::Status CheckTileTable(const char* ptr_name, const Tensor& ptr,
                       const char* idx_name, const Tensor& idx,
                       const char* mask_name, const Tensor& mask_idx,
                       int64_t rows, int64_t nb, int64_t num_masks) {
   if (ptr.dims() != 1 || ptr.dim_size(0) != rows + 1) {
     return InvalidArg(
-        ptr_name, " must have shape [heads * num_blocks + 1] = [", rows + 1,
-        "], got ", ptr.shape().DebugString(),
-        " (is the layout built for this seq_len and num_heads?)");
+        ptr_name, " must have shape [table_heads * num_blocks + 1] = [",
+        rows + 1, "], got ", ptr.shape().DebugString(),
+        " (is the layout built for this seq_len?)");
   }
   const int64_t nnz = idx.NumElements();
   if (idx.dims() != 1 || mask_idx.dims() != 1 ||
@@ -105,20 +105,31 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input,
                                    B, "] or be empty, got ",
                                    key_lengths.shape().DebugString());
   }
+  // The tables' head count T: row_ptr is [T * nb + 1], T dividing H.
+  const Tensor& row_ptr = ctx->input(i0 + 2);
+  const int64_t slots = row_ptr.dims() == 1 ? row_ptr.dim_size(0) - 1 : -1;
+  if (slots < nb || slots % nb != 0 || H % (slots / nb) != 0) {
+    return InvalidArg(
+        "row_ptr must have shape [table_heads * num_blocks + 1] with "
+        "table_heads dividing heads = ", H, " (num_blocks = ", nb, "), got ",
+        row_ptr.shape().DebugString(),
+        " (is the layout built for this seq_len and num_heads?)");
+  }
+  const int64_t T = slots / nb;
   if (!(key_positions.NumElements() == 0 ||
-        (key_positions.dims() == 2 && key_positions.dim_size(0) == H &&
+        (key_positions.dims() == 2 && key_positions.dim_size(0) == T &&
          key_positions.dim_size(1) == n))) {
     return InvalidArg(
-        "key_positions must have shape [heads, n] = [", H, ", ", n,
+        "key_positions must have shape [table_heads, n] = [", T, ", ", n,
         "] or be empty, got ", key_positions.shape().DebugString());
   }
   const int64_t M = masks.dim_size(0);
   TF_RETURN_IF_ERROR(CheckTileTable(
-      "row_ptr", ctx->input(i0 + 2), "col_idx", ctx->input(i0 + 3),
-      "mask_idx", ctx->input(i0 + 4), H * nb, nb, M));
+      "row_ptr", row_ptr, "col_idx", ctx->input(i0 + 3),
+      "mask_idx", ctx->input(i0 + 4), T * nb, nb, M));
   TF_RETURN_IF_ERROR(CheckTileTable(
       "col_ptr", ctx->input(i0 + 6), "row_idx", ctx->input(i0 + 7),
-      "col_mask_idx", ctx->input(i0 + 8), H * nb, nb, M));
+      "col_mask_idx", ctx->input(i0 + 8), T * nb, nb, M));
   in->nnz = ctx->input(i0 + 3).NumElements();
   if (ctx->input(i0 + 7).NumElements() != in->nnz) {
     return InvalidArg("row_idx must list the ", in->nnz, " tiles col_idx ",
@@ -137,6 +148,7 @@ absl::Status ParseInputs(OpKernelContext* ctx, int first_layout_input,
                                 : nullptr;
   auto& lay = in->layout;
   lay.num_heads = static_cast<int>(H);
+  lay.table_heads = static_cast<int>(T);
   lay.num_blocks = static_cast<int>(nb);
   lay.block_size = static_cast<int>(bs);
   lay.num_masks = M;

@@ -48,9 +48,11 @@ Fused block-sparse attention: softmax(scale * q k^T restricted to the layout) v.
 q, k, v: [batch, heads, n, head_dim].
 key_lengths: [batch] keys at original positions >= key_lengths[b] are ignored,
   or an empty tensor for none.
-key_positions: [heads, n] original position of each (permuted) key, or empty
-  for the identity.
-row_ptr, col_idx, mask_idx: row-major tile table of the layout.
+key_positions: [table_heads, n] original position of each (permuted) key, or
+  empty for the identity.
+row_ptr, col_idx, mask_idx: row-major tile table of the layout; row_ptr is
+  [table_heads * n / block_size + 1] with table_heads dividing heads, and
+  head h reads the tables of table head h % table_heads.
 masks: [num_masks, block_size, block_size] token masks of partial tiles.
 col_ptr, row_idx, col_mask_idx: the same tiles by key block (the GPU
   kernels' backward pass walks them).

@@ -368,7 +368,7 @@ def test_module_switch_and_environment_variable(monkeypatch):
   finally:
     ops.set_implementation("auto")
   monkeypatch.setenv(ops.ENV_IMPLEMENTATION, "pure_tf")
-  monkeypatch.setitem(ops._state, "implementation", None)  # re-read the env
+  monkeypatch.setitem(ops.library._state, "implementation", None)  # re-read the env
   assert ops.implementation() == "pure_tf"
 
 
@@ -376,7 +376,7 @@ def test_missing_library_warns_loudly_and_falls_back(monkeypatch, tmp_path):
   monkeypatch.setenv(ops.ENV_LIBRARY, str(tmp_path / "missing.so"))
   for key, value in (("library", None), ("load_error", None),
                      ("warned", False)):
-    monkeypatch.setitem(ops._state, key, value)
+    monkeypatch.setitem(ops.library._state, key, value)
   with pytest.warns(RuntimeWarning, match="missing.so"):
     assert ops.resolve_implementation("auto") == "pure_tf"
   with pytest.raises(RuntimeError, match="failed to load"):
@@ -501,3 +501,20 @@ def test_pure_tf_path_exports_to_a_savedmodel_of_stock_ops(tmp_path):
   want, _ = reference.attention(q, k, v, lay.to_dense(), 32**-0.5)
   np.testing.assert_allclose(reloaded.attend(q, k, v).numpy(), want,
                              atol=2e-5)
+
+
+def test_layout_tables_are_cached_beside_the_layout_not_in_it(rng):
+  import gc
+  from st_keras.ops import tables as tables_lib
+  lay = layouts.fixed(64, 16, 32, 8, num_heads=2)
+  before = dict(vars(lay))
+  q = rng.standard_normal((1, 2, 64, 16)).astype(np.float32)
+  for impl in ("custom_op", "pure_tf"):
+    ops.block_sparse_attention(q, q, q, lay, implementation=impl)
+  assert vars(lay).keys() == before.keys()  # nothing written into it
+  assert tables_lib.op_tables(lay, 0) is tables_lib.op_tables(lay, 0)
+  assert lay in tables_lib._CACHE  # pylint: disable=protected-access
+  count = len(tables_lib._CACHE)  # pylint: disable=protected-access
+  del lay
+  gc.collect()
+  assert len(tables_lib._CACHE) == count - 1  # pylint: disable=protected-access

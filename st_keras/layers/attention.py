@@ -486,33 +486,12 @@ class SparseSelfAttention(keras.layers.Layer):
                for t in self._project(x[:, None]))
     # (batch, heads, dim) each
     keys, values = keys.write(position, k), values.write(position, v)
-    slots, valid = attended
-    # (1 or heads, K): the same keys for every head, or a row per head
-    kg, vg = (self._gather_heads(entries, slots) for entries in (keys, values))
-    # (batch, heads, K, dim)
-    scores = tf.einsum("bhd,bhkd->bhk", q, kg) / math.sqrt(self.key_dim)
-    probs, _, total = ops.masked_exp(scores, valid)
-    probs = probs / tf.where(total > 0, total, 1.0)[..., None]
-    # a row with no key gives 0
-    out = tf.einsum("bhk,bhkd->bhd", probs, vg)  # (batch, heads, value_dim)
+    out = ops.attend_cached(q, keys, values, attended,
+                            1.0 / math.sqrt(self.key_dim))
+    # (batch, heads, value_dim)
     out = tf.reshape(tf.cast(out, self.compute_dtype),
                      [-1, self.num_heads * self.value_dim])
     return self.output_dense(out), (keys, values)
-
-  def _gather_heads(self, entries, slots):
-    """Entries of a cache TensorArray at `slots` (1 or heads, K):
-    (batch, heads, K, dim)."""
-    gathered = entries.gather(tf.reshape(slots, [-1]))
-    # (slots.size, batch, heads, dim)
-    if slots.shape[0] == 1:
-      return tf.transpose(gathered, [1, 2, 0, 3])
-    heads, count = self.num_heads, slots.shape[1]
-    # Entry (h, k) was gathered for head h: keep that head's slice.
-    gathered = tf.reshape(gathered, [heads, count, -1, heads,
-                                     gathered.shape[-1]])
-    gathered = tf.linalg.diag_part(tf.transpose(gathered, [1, 2, 4, 0, 3]))
-    # (K, batch, dim, heads)
-    return tf.transpose(gathered, [1, 3, 0, 2])
 
   def compute_output_shape(self, input_shape):
     return input_shape

@@ -10,6 +10,9 @@ import pytest
 
 from st_keras import layouts
 from st_keras import plotting
+from st_keras.layouts import combine
+from st_keras.layouts import structure
+from st_keras.layouts import tiling
 from tests import reference
 
 
@@ -209,7 +212,7 @@ def _expanded(lay):
   """The same layout with per-head tables (table_heads = num_heads)."""
   return layouts.Layout(
       lay.seq_len, lay.block_size, lay.num_heads,
-      [layouts._expand(c, lay.num_heads) for c in lay.components],  # pylint: disable=protected-access
+      [combine._expand(c, lay.num_heads) for c in lay.components],  # pylint: disable=protected-access
       name=lay.name)
 
 
@@ -286,9 +289,9 @@ def _tile_masks(comp, block_size):
 def test_periodic_construction_equals_evaluating_every_tile(make,
                                                             monkeypatch):
   fast = make()
-  generic = layouts._head_blocks  # pylint: disable=protected-access
+  generic = tiling.head_blocks
   monkeypatch.setattr(
-      layouts, "_head_blocks",
+      tiling, "head_blocks",
       lambda n, bs, pred, causal, period, reach: generic(n, bs, pred, causal,
                                                          None, None))
   slow = make()
@@ -327,7 +330,7 @@ def test_save_layout_png(tmp_path):
 
 
 def test_layouts_import_without_tensorflow():
-  # layouts.py is numpy-only: with TensorFlow blocked, `import st_keras`
+  # st_keras.layouts is numpy-only: with TensorFlow blocked, `import st_keras`
   # gives the layouts, and the TensorFlow modules say why they are missing.
   script = textwrap.dedent("""
       import sys
@@ -357,5 +360,5 @@ def test_layouts_import_without_tensorflow():
 def test_stable_argsort_equals_numpy(bound):
   keys = np.random.default_rng(bound).integers(0, bound, 5000)
   keys[:40] = keys[40:80]  # ties, kept in order
-  order = layouts._stable_argsort(keys, bound)  # pylint: disable=protected-access
+  order = structure.stable_argsort(keys, bound)
   np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))

@@ -45,11 +45,13 @@ from custom_ops.triton import launch  # pylint: disable=wrong-import-position
 
 
 def _load_layouts():
-  """st_keras/layouts.py by path (numpy only): the st_keras package imports
-  TensorFlow where it is installed, as in the CPU dry run, and Triton
-  aborts when it is imported beside TensorFlow."""
+  """The st_keras/layouts package by path (numpy only): the st_keras package
+  imports TensorFlow where it is installed, as in the CPU dry run, and
+  Triton aborts when it is imported beside TensorFlow."""
+  path = os.path.join(REPO, "st_keras", "layouts")
   spec = importlib.util.spec_from_file_location(
-      "st_keras_layouts", os.path.join(REPO, "st_keras", "layouts.py"))
+      "st_keras_layouts", os.path.join(path, "__init__.py"),
+      submodule_search_locations=[path])
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module
   spec.loader.exec_module(module)

@@ -1,6 +1,6 @@
 """Triton kernels of fused block-sparse attention: forward and backward.
 
-One component of a layout (st_keras/layouts.py `Component`) in its kernel
+One component of a layout (`st_keras.layouts.Component`) in its kernel
 (maybe permuted) token order. q, k, v, out, dout, dq, dk, dv are [B, H, n, D]
 contiguous; a program owns one BLOCK-row tile of one (batch, head): the
 (batch, head) offset (b * H + h) * n * D is int64, offsets within a head are

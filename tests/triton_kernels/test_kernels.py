@@ -370,7 +370,8 @@ def test_launch_imports_no_tensorflow_and_needs_cuda_or_interpreter():
       import torch
       from custom_ops.triton import launch
       spec = importlib.util.spec_from_file_location(
-          "layouts", "st_keras/layouts.py")
+          "layouts", "st_keras/layouts/__init__.py",
+          submodule_search_locations=["st_keras/layouts"])
       layouts = sys.modules["layouts"] = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(layouts)
       lay = layouts.causal(64, 32, num_heads=1)

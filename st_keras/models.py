@@ -10,8 +10,10 @@ import keras
 import tensorflow as tf
 
 from st_keras import layouts
+from st_keras import multi_worker
 from st_keras import ops
 from st_keras.layers import attention as attention_lib
+from st_keras.layers import padding
 from st_keras.layers.embeddings import AxialPositionEmbedding
 from st_keras.layers.embeddings import text_axes
 from st_keras.layers.residual import SparseTransformerBlock
@@ -128,7 +130,7 @@ class BitsPerByte(keras.metrics.MeanMetricWrapper):
 
 
 @keras.saving.register_keras_serializable(package="st_keras")
-class SparseTransformer(keras.Model):
+class SparseTransformer(multi_worker.MultiWorkerModel):
   """Autoregressive Sparse Transformer over a byte vocabulary.
 
   H0 = token embedding + position embedding; H_k = H_{k-1} +
@@ -275,8 +277,8 @@ class SparseTransformer(keras.Model):
                                                                key_lengths)
     # The attention layouts' length: padded keys follow every valid query,
     # so the causal layers need no key lengths for them.
-    tokens, n = attention_lib.pad_to_length(
-        tokens, 1, attention_lib.layout_length(
+    tokens, n = padding.pad_to_length(
+        tokens, 1, padding.layout_length(
             tokens.shape[1], self.block_size, self.seq_len),
         f"tokens exceed the context seq_len={self.seq_len}")
     h = self.token_embedding(tokens)  # (batch, length, width)
@@ -368,19 +370,6 @@ class SparseTransformer(keras.Model):
       new_caches.append(cache)
     return self.logits(self.final_norm(h)), new_caches
 
-  def _multi_worker(self) -> bool:
-    strategy = self._distribute_strategy
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access
-
-  def _worker_logs(self, logs):
-    """Keras 3 averages step logs across workers with a reduction over
-    axis 0, which fails for scalars (keras-team/keras#20585): under
-    MultiWorkerMirroredStrategy the logs are returned with shape [1]."""
-    if not self._multi_worker():
-      return logs
-    return {k: tf.reshape(v, [1]) for k, v in logs.items()}
-
   def _weigh_targets(self, data):
     """(x, y, sample_weight) with the targets in each row's trailing run of
     padding_token weighted 0 and the others total / valid, as Keras weighs
@@ -401,29 +390,10 @@ class SparseTransformer(keras.Model):
     return x, y, valid
 
   def train_step(self, data):
-    return self._worker_logs(super().train_step(self._weigh_targets(data)))
+    return super().train_step(self._weigh_targets(data))
 
   def test_step(self, data):
-    return self._worker_logs(super().test_step(self._weigh_targets(data)))
-
-  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    """Builds the compiled metrics from one replica's first batch.
-
-    Keras 3 averages the first distributed batch across replicas for this,
-    which fails under MultiWorkerMirroredStrategy (keras-team/keras#20585);
-    one replica's batch has the same structure and dtypes.
-    """
-    strategy = self._distribute_strategy
-    if strategy is None or iterator is None:
-      return super()._maybe_symbolic_build(iterator, data_batch)
-    for _, _, it in iterator:
-      data_batch = tf.nest.map_structure(
-          lambda x: (strategy.experimental_local_results(x)[0]
-                     if isinstance(x, tf.distribute.DistributedValues)
-                     else x), next(it))
-      break
-    with strategy.scope():
-      self._symbolic_build(data_batch=data_batch)
+    return super().test_step(self._weigh_targets(data))
 
   def get_config(self):
     return {"name": self.name, "seq_len": self.seq_len, "seed": self.seed,

@@ -18,16 +18,12 @@ diverging run stops with an error and keeps its last good checkpoint.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import math
 import os
-import signal
 import sys
-import time
 from typing import Optional, Sequence
 
 import keras
@@ -38,6 +34,7 @@ from st_keras import checkpoints
 from st_keras import config as config_lib
 from st_keras import data as data_lib
 from st_keras import models
+from st_keras import run_control
 from st_keras import run_dir
 from st_keras import training_log
 from st_keras import sample as sample_lib
@@ -126,64 +123,6 @@ def make_optimizer(cfg: config_lib.TrainConfig) -> keras.optimizers.AdamW:
       beta_1=cfg.beta_1, beta_2=cfg.beta_2, global_clipnorm=cfg.clipnorm)
 
 
-class StopRequested(KeyboardInterrupt):
-  """A SIGINT or SIGTERM, acted on at the end of a training batch."""
-
-
-class GracefulStop:
-  """While active, SIGINT and SIGTERM ask training to stop at the end of
-  the current batch, where the batch count and the weights agree (a
-  checkpoint is written there); a second signal interrupts at once.
-
-  Outside the main thread, signals are left alone.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self) -> "GracefulStop":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        break
-    return self
-
-  def _handle(self, signum, frame):
-    del frame  # unused
-    if self.signum is not None:
-      raise KeyboardInterrupt(f"signal {signum}, twice")
-    self.signum = signum
-
-  def check(self) -> None:
-    """Raises StopRequested if a signal has come."""
-    if self.signum is not None:
-      raise StopRequested(f"signal {self.signum}")
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous = {}
-
-
-@contextlib.contextmanager
-def _frozen_heap():
-  """Keeps the objects alive now out of the garbage collector's passes.
-
-  TensorFlow and Keras hold millions of long-lived Python objects; a full
-  collection walks all of them and, during `fit`, lands inside whichever
-  training step triggers it. Freezing them (after one collection) leaves
-  the passes only the objects made while training.
-  """
-  gc.collect()
-  gc.freeze()
-  try:
-    yield
-  finally:
-    gc.unfreeze()
-
-
 def worker_dir(output_dir: str, strategy) -> str:
   """Where this process writes: output_dir for the chief (or a single
   process), output_dir/workers/<task> for the other workers (multi-worker
@@ -198,114 +137,6 @@ def worker_dir(output_dir: str, strategy) -> str:
     return output_dir
   return os.path.join(output_dir, "workers",
                       f"{task_type}_{resolver.task_id}")
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training produced a non-finite loss or weights; nothing was saved."""
-
-
-class IntervalCheckpointer(keras.callbacks.Callback):
-  """Counts the batches, stops at batch `last`, and ends every checkpoint
-  interval (epoch) with its history.csv row, then its checkpoint.
-
-  The step of a run is the number of batches it has trained on, counted
-  here rather than read from `optimizer.iterations`, which does not advance
-  on the steps a mixed_float16 loss scaler skips. The count is saved in
-  the checkpoint (`batches`), and the data stream resumes there.
-
-  A non-finite training loss stops the run at once (with a loss scaler,
-  which skips such steps, only non-finite weights do), and no checkpoint is
-  ever written from non-finite weights, so the last checkpoint stays the
-  last good one.
-
-  Args:
-    manager: the run's `tf.train.CheckpointManager`.
-    batches: the checkpointed int64 variable holding the batch count.
-    last: the batch count at which to stop.
-    history: the run's `run_dir.History`.
-    tokens_per_step: tokens in one global batch.
-    stop: a `GracefulStop` checked after every batch, or None.
-  """
-
-  def __init__(self, manager, batches: tf.Variable, last: int,
-               history: run_dir.History, tokens_per_step: int,
-               stop: Optional[GracefulStop] = None):
-    super().__init__()
-    self.stop = stop
-    self.manager = manager
-    self.batches = batches
-    self.step = int(batches.numpy())
-    self.last = last
-    self.history = history
-    self.tokens_per_step = tokens_per_step
-    self.step_seconds, self._start = [], None
-
-  def _check_finite(self, loss: Optional[float] = None) -> None:
-    """Raises NonFiniteLossError when the weights are not finite, or the
-    batch's loss (if given) is not and no loss scaler skips such steps."""
-    scaled = isinstance(self.model.optimizer,
-                        keras.optimizers.LossScaleOptimizer)
-    if loss is not None and not math.isfinite(loss) and not scaled:
-      problem = f"loss {loss}"
-    elif not all(bool(tf.reduce_all(tf.math.is_finite(w)))
-                 for w in self.model.trainable_weights):
-      problem = "non-finite weights"
-    else:
-      return
-    raise NonFiniteLossError(
-        f"training diverged at step {self.step} ({problem}); stopped "
-        f"without writing a checkpoint. The last checkpoint "
-        f"({self.manager.latest_checkpoint}) holds finite weights: lower "
-        f"train.learning_rate (or raise train.warmup_steps) and resume from "
-        f"it with --allow-config-change, or start a new run")
-
-  def save(self) -> int:
-    """Writes a checkpoint at the current step and returns the step.
-
-    Raises:
-      NonFiniteLossError: the weights are not finite (nothing is written).
-    """
-    self._check_finite()
-    self.batches.assign(self.step)
-    self.manager.save(checkpoint_number=self.step)
-    return self.step
-
-  def on_train_batch_begin(self, batch, logs=None):
-    self._start = time.perf_counter()
-
-  def on_train_batch_end(self, batch, logs=None):
-    self.step += 1
-    if batch > 0:  # the first step of an epoch includes tracing/warm-up
-      self.step_seconds.append(time.perf_counter() - self._start)
-    loss = training_log.scalar((logs or {}).get("loss", 0.0))
-    if not math.isfinite(loss):
-      self._check_finite(loss)
-    if self.step >= self.last:
-      self.model.stop_training = True
-    if self.stop is not None:
-      self.stop.check()
-
-  def on_epoch_end(self, epoch, logs=None):
-    self._check_finite()
-    # The row first: a kill between the two leaves a row past the last
-    # checkpoint, which the resumed run drops (run_dir.History).
-    self.history.append(self.step, {k: training_log.scalar(v)
-                                    for k, v in (logs or {}).items()})
-    self.save()
-
-  def tokens_per_second(self) -> float:
-    """Training throughput over the timed steps (NaN if none)."""
-    if not self.step_seconds:
-      return math.nan
-    return len(self.step_seconds) * self.tokens_per_step / sum(
-        self.step_seconds)
-
-  def median_step_ms(self) -> float:
-    """The median time of the timed steps in ms (NaN if none): unlike the
-    mean, it is not moved by the stalls of a shared machine."""
-    if not self.step_seconds:
-      return math.nan
-    return 1e3 * float(np.median(self.step_seconds))
 
 
 def write_text_sample(model, valid: np.ndarray, length: int, seed: int,
@@ -353,7 +184,8 @@ def train(cfg: config_lib.Config, stop_after: Optional[int] = None,
     run_dir.RunDirectoryError: another trainer holds the directory, or its
       saved config differs.
     checkpoints.CheckpointError: the run's checkpoints cannot be restored.
-    NonFiniteLossError: training diverged (the last checkpoint is kept).
+    run_control.NonFiniteLossError: training diverged (the last checkpoint
+      is kept).
   """
   if stop_after is not None and stop_after < 1:
     raise ValueError(f"stop_after must be >= 1, got {stop_after}")
@@ -410,8 +242,8 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
   # validation metrics), kept on resume, for learning curves.
   history = run_dir.History(os.path.join(out_dir, run_dir.HISTORY_FILE),
                             resumed_from)
-  stop = GracefulStop()
-  checkpointer = IntervalCheckpointer(
+  stop = run_control.GracefulStop()
+  checkpointer = run_control.IntervalCheckpointer(
       manager, batches, last, history, global_batch * cfg.data.context,
       stop)
   # After the checkpointer, which counts the step this one reports.
@@ -422,7 +254,7 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
   train_ds, valid_ds = make_datasets(cfg, arrays, global_batch, resumed_from)
   if resumed_from < last:
     # One fit call; an "epoch" is one checkpoint interval.
-    with stop, _frozen_heap():
+    with stop, run_control.frozen_heap():
       try:
         model.fit(train_ds, initial_epoch=resumed_from // every,
                   epochs=resumed_from // every + math.ceil(
@@ -432,7 +264,7 @@ def _train_locked(cfg: config_lib.Config, strategy, out_dir: str,
                   callbacks=callbacks,
                   verbose=0)  # TrainingLog shows the progress
         stop.check()  # a signal during the last validation
-      except StopRequested:
+      except run_control.StopRequested:
         step = checkpointer.save()
         LOG.warning("interrupted at step %d; checkpoint written to %s",
                     step, manager.directory)
@@ -518,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (run_dir.RunDirectoryError, checkpoints.CheckpointError) as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2
-  except NonFiniteLossError as e:
+  except run_control.NonFiniteLossError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(summary, indent=2))

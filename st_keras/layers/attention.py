@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from st_keras import layouts
 from st_keras import ops
+from st_keras.layers import padding
 
 PATTERNS = ("fixed", "strided", "dense", "local")
 # The two parts (the paper's A1 and A2) of each factorized pattern.
@@ -80,130 +81,6 @@ def build_layout(pattern: str, mode: str, seq_len: int, num_heads: int,
     return layouts.per_head(part_layout(first_part, first),
                             part_layout(second_part, num_heads - first))
   return part_layout(mode, num_heads)
-
-
-def layout_length(length: Optional[int], block_size: int,
-                  max_length: Optional[int]) -> int:
-  """The sequence length a layout is built for.
-
-  Args:
-    length: the static length of the inputs, or None when it is only known
-      when the graph runs.
-    block_size: the layout's tile size.
-    max_length: the length to pad to when `length` is None.
-
-  Returns:
-    `length` rounded up to a multiple of block_size, or max_length.
-
-  Raises:
-    ValueError: length is None and max_length is None, or length exceeds
-      max_length.
-  """
-  if length is None:
-    if max_length is None:
-      raise ValueError(
-          "the sequence length is not known when the layer is traced (e.g. "
-          "Input(shape=(None, width)) under model.fit): give max_length= "
-          "to pad every batch to one layout, or feed batches whose length "
-          "is static")
-    return max_length
-  if max_length is not None and length > max_length:
-    raise ValueError(f"sequence length {length} exceeds max_length "
-                     f"{max_length}")
-  return -(-length // block_size) * block_size
-
-
-def pad_to_length(x, axis: int, length: int, message: str):
-  """Pads `x` with zeros along `axis` to a static `length`.
-
-  Args:
-    x: a tensor whose `axis` is at most `length` long.
-    axis: the axis to pad.
-    length: its length after padding.
-    message: the error when `axis` is longer (checked when run if the axis
-      is not static).
-
-  Returns:
-    (padded x, n): n is the original length, an int when static, else an
-    int32 scalar tensor.
-  """
-  n = x.shape[axis]
-  if n == length:
-    return x, n
-  if n is None:
-    n = tf.shape(x)[axis]
-    with tf.control_dependencies([tf.debugging.assert_less_equal(
-        n, length, message=message)]):
-      n = tf.identity(n)
-  pad = [[0, 0]] * x.shape.rank
-  pad[axis] = [0, length - n]
-  shape = x.shape.as_list()
-  shape[axis] = length
-  return tf.ensure_shape(tf.pad(x, pad), shape), n
-
-
-def _lengths_from_mask(mask, name: str):
-  """Per-example lengths of a right-padding mask.
-
-  Args:
-    mask: (batch, n) bool or 0/1: True for the first positions of each
-      example, then False.
-    name: the mask's name in the error message.
-
-  Returns:
-    int32 (batch,) number of True positions.
-
-  Raises:
-    tf.errors.InvalidArgumentError: (when run) a True follows a False (left
-      or inner padding).
-  """
-  mask = tf.cast(mask, tf.bool)
-  lengths = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
-  check = tf.debugging.assert_equal(
-      mask, tf.sequence_mask(lengths, tf.shape(mask)[1]),
-      message=f"{name} must be right padding: True for each example's "
-      "first positions, then False")
-  with tf.control_dependencies([check]):
-    return tf.identity(lengths)
-
-
-def _key_lengths(key_lengths, attention_mask, masks):
-  """The int32 (batch,) key lengths all the padding arguments agree on.
-
-  Args:
-    key_lengths: None or (batch,) ints.
-    attention_mask: None, (batch, S) or (batch, 1, S): a key-padding mask.
-    masks: Keras masks (batch, S) of the inputs, each None or a mask.
-
-  Returns:
-    int32 (batch,) or None when nothing pads.
-  """
-  found = []
-  if key_lengths is not None:
-    key_lengths = tf.convert_to_tensor(key_lengths)
-    if not key_lengths.dtype.is_integer or key_lengths.shape.rank != 1:
-      raise ValueError(f"key_lengths must be integers of shape (batch,), "
-                       f"got {key_lengths.dtype.name} {key_lengths.shape}")
-    found.append(tf.cast(key_lengths, tf.int32))
-  if attention_mask is not None:
-    attention_mask = tf.convert_to_tensor(attention_mask)
-    rank = attention_mask.shape.rank
-    if rank == 3 and attention_mask.shape[1] == 1:
-      attention_mask = attention_mask[:, 0]
-    elif rank != 2:
-      raise ValueError(
-          f"attention_mask must be a key-padding mask of shape (batch, S) "
-          f"or (batch, 1, S), got {attention_mask.shape}: the keys each "
-          f"query attends are the layout's pattern (st_keras.layouts), "
-          f"so a per-query (batch, T, S) mask cannot be honoured")
-    found.append(_lengths_from_mask(attention_mask, "attention_mask"))
-  # Keras passes the input's one mask as query_mask and value_mask alike.
-  distinct = {id(m): m for m in masks if m is not None}
-  found.extend(_lengths_from_mask(m, "the Keras mask")
-               for m in distinct.values())
-  if not found:
-    return None
-  return functools.reduce(tf.minimum, found)
 
 
 @keras.saving.register_keras_serializable(package="st_keras")
@@ -382,9 +259,10 @@ class SparseSelfAttention(keras.layers.Layer):
               if other is not None and other is not query]
     causal = self.causal if use_causal_mask is None else bool(
         use_causal_mask)
-    lengths = _key_lengths(key_lengths, attention_mask,
+    lengths = padding.key_lengths_of(key_lengths, attention_mask,
                            (mask, query_mask, value_mask, key_mask))
-    length = layout_length(query.shape[1], self.block_size, self.max_length)
+    length = padding.layout_length(query.shape[1], self.block_size,
+                                    self.max_length)
     with tf.control_dependencies(checks):
       q, k, v = self._project(query)  # (batch, heads, n, dim) each
     if self.key_dim != self.value_dim:
@@ -397,7 +275,7 @@ class SparseSelfAttention(keras.layers.Layer):
       # the layout is causal and nothing else pads (no valid query reaches
       # them then).
       message = f"sequence length exceeds max_length {length}"
-      (q, n), (k, _), (v, _) = (pad_to_length(t, 2, length, message)
+      (q, n), (k, _), (v, _) = (padding.pad_to_length(t, 2, length, message)
                                 for t in (q, k, v))
       if lengths is not None or not causal:
         lengths = tf.fill([tf.shape(query)[0]], n) if lengths is None else (

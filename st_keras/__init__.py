@@ -16,16 +16,16 @@ the other modules raise an ImportError that says why.
 from st_keras import layouts
 
 try:
-  import tensorflow  # pylint: disable=unused-import
+  import tensorflow  # noqa: F401  # pylint: disable=unused-import
 except ImportError as e:
   _NO_TENSORFLOW = e
 else:
   _NO_TENSORFLOW = None
   # Imported here so that `import st_keras` registers the Keras classes
   # that keras.models.load_model needs.
-  from st_keras import ops
   from st_keras import layers
   from st_keras import models
+  from st_keras import ops
 
 __all__ = ["layouts", "ops", "layers", "models"]
 __version__ = "0.1.0"

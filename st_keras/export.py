@@ -22,9 +22,9 @@ import math
 import os
 import shutil
 import sys
+from typing import Optional, Sequence
 import uuid
 import zipfile
-from typing import Optional, Sequence
 
 import tensorflow as tf
 

@@ -312,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.batch < 1:
     parser.error(f"--batch must be >= 1, got {args.batch}")
   import keras  # pylint: disable=import-outside-toplevel
-  from st_keras import models  # pylint: disable=import-outside-toplevel,unused-import
+
+  from st_keras import models  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   model = keras.models.load_model(args.model)
   kind = args.kind or _run_kind(args.model)
   try:

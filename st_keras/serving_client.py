@@ -17,8 +17,8 @@ Example (a server started as README.md shows):
 from __future__ import annotations
 
 import json
-import urllib.request
 from typing import Dict, Optional, Sequence
+import urllib.request
 
 import numpy as np
 import tensorflow as tf

@@ -36,8 +36,8 @@ from st_keras import data as data_lib
 from st_keras import models
 from st_keras import run_control
 from st_keras import run_dir
-from st_keras import training_log
 from st_keras import sample as sample_lib
+from st_keras import training_log
 
 LOG = logging.getLogger("st_keras.train")
 # Checkpoints kept on disk: the newest and one before it, to fall back on.

@@ -505,6 +505,7 @@ def test_pure_tf_path_exports_to_a_savedmodel_of_stock_ops(tmp_path):
 
 def test_layout_tables_are_cached_beside_the_layout_not_in_it(rng):
   import gc
+
   from st_keras.ops import tables as tables_lib
   lay = layouts.fixed(64, 16, 32, 8, num_heads=2)
   before = dict(vars(lay))

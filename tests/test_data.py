@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from st_keras import data
-from st_keras.data import audio, images, text
+from st_keras.data import audio
+from st_keras.data import images
+from st_keras.data import text
 
 
 def _write(path, payload):

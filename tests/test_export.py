@@ -1,12 +1,12 @@
 """SavedModel export: servable by stock TensorFlow, equal to the in-process
 model, clear errors on bad requests, and the serving client's requests."""
 
+from concurrent import futures
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from concurrent import futures
 
 import numpy as np
 import pytest

@@ -284,6 +284,7 @@ def test_log_lines_are_printed_once():
 
 def test_strategy_choice(monkeypatch):
   import tensorflow as tf
+
   from st_keras import train
   monkeypatch.delenv("TF_CONFIG", raising=False)
   assert not tf.config.list_logical_devices("GPU")  # this suite runs on CPU

@@ -19,7 +19,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_check  # pylint: disable=wrong-import-position  (sets up the interpreter in a dry run)
-
 import torch  # pylint: disable=wrong-import-position
 from torch import profiler  # pylint: disable=wrong-import-position
 

@@ -19,7 +19,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_check  # pylint: disable=wrong-import-position  (sets up the interpreter in a dry run)
-
 import torch  # pylint: disable=wrong-import-position
 import triton  # pylint: disable=wrong-import-position
 
@@ -102,7 +101,7 @@ def layout_forward_rows(layouts, n_values, block, batch, heads, head_dim,
         for pattern, lay in (
             ("fixed", layouts.fixed(n, block, 128, 32, heads)),
             ("strided", layouts.strided(n, block, 128, heads))):
-          fn = lambda lay=lay: launch.attention(q, k, v, lay)  # pylint: disable=unnecessary-lambda-assignment
+          fn = lambda lay=lay, q=q, k=k, v=v: launch.attention(q, k, v, lay)  # pylint: disable=unnecessary-lambda-assignment
           with torch.no_grad():
             fn()
             row[f"{pattern}_n{n}_ms"] = gpu_check.bench(fn, device)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import os
 import struct
-import wave
 from typing import Sequence
+import wave
 
 import numpy as np
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Sequence, Tuple
 import zipfile
 import zlib
-from typing import Sequence, Tuple
 
 import numpy as np
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import stat
 import sysconfig
+from typing import Dict, List, Sequence
 import warnings
 import zlib
-from typing import Dict, List, Sequence
 
 import numpy as np
 

@@ -42,9 +42,9 @@ from .patterns import fixed
 from .patterns import from_mask
 from .patterns import local
 from .patterns import strided
+from .structure import SUPPORTED_BLOCK_SIZES
 from .structure import Component
 from .structure import Layout
-from .structure import SUPPORTED_BLOCK_SIZES
 from .structure import Tiles
 
 __all__ = ["Component", "Layout", "SUPPORTED_BLOCK_SIZES", "Tiles", "causal",

@@ -8,10 +8,10 @@ from typing import Sequence
 import numpy as np
 
 from .structure import Component
-from .structure import component_tiles
 from .structure import Layout
-from .structure import perm_of
 from .structure import Tiles
+from .structure import component_tiles
+from .structure import perm_of
 from .tiling import assemble
 
 

@@ -14,7 +14,6 @@ from .tiling import from_predicates
 from .tiling import ranges
 from .tiling import reach_blocks
 
-
 _FIXED_PARTS = ("local", "summary", "both")
 _STRIDED_PARTS = ("local", "stride", "both")
 

@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 

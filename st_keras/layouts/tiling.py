@@ -8,10 +8,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .structure import Component
 from .structure import SUPPORTED_BLOCK_SIZES
+from .structure import Component
 from .structure import Tiles
-
 
 # Candidate block pairs are classified in chunks of this many pairs, and token
 # masks are evaluated for at most this many tiles at a time.
@@ -179,7 +178,8 @@ def _periodic_blocks(nb, block_size, classify, causal, period, reach):
     below = np.concatenate([np.zeros((bp, 1), np.int64),
                             np.cumsum(kept, axis=1)], axis=1)
 
-    def count(stops):  # tiles of each row with kb < stops: (nb,)
+    def count(stops, per_phase=per_phase, below=below):
+      """Tiles of each row with kb < stops: (nb,)."""
       stops = np.maximum(stops, 0)
       return stops // bp * per_phase[phase] + below[phase, stops % bp]
 

@@ -10,8 +10,8 @@ implementation that runs.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
+import warnings
 
 import tensorflow as tf
 

@@ -30,6 +30,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 from custom_ops.triton import kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 from custom_ops.triton import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 if _INTERPRET is None:
   del os.environ["TRITON_INTERPRET"]
 else:

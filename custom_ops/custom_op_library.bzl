@@ -1,13 +1,13 @@
 """custom_op_library: a TensorFlow custom-op shared library (like tensorflow/addons' macro).
 
-Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) and links
-libtensorflow_framework.so.2, with the flags TF 2.21 needs (C++17, its ABI).
+Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) with the
+flags its tf.sysconfig.get_compile_flags() gives (the C++ standard, ABI and Eigen alignment of
+the wheel), and links libtensorflow_framework.so.2.
 """
 
-TF_COPTS = [
-    "-std=c++17",
-    "-D_GLIBCXX_USE_CXX11_ABI=1",
-    "-DEIGEN_MAX_ALIGN_BYTES=64",
+load("@local_config_tf//:tf_flags.bzl", "TF_COMPILE_FLAGS")
+
+TF_COPTS = TF_COMPILE_FLAGS + [
     "-O3",
     "-march=native",
     # The Eigen that TF 2.21 ships does not compile its AVX512-FP16 packet
@@ -20,10 +20,8 @@ TF_COPTS = [
 ]
 
 # The GPU launcher and its C ABI library run on machines other than the build's (a GPU host):
-# no -march=native.
-GPU_COPTS = [
-    "-std=c++17",
-    "-D_GLIBCXX_USE_CXX11_ABI=1",
+# no -march=native. The ABI flags are TensorFlow's, as the op library links it.
+GPU_COPTS = TF_COMPILE_FLAGS + [
     "-O2",
     "-fPIC",
 ]

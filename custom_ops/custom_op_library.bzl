@@ -1,39 +1,43 @@
 """custom_op_library: a TensorFlow custom-op shared library (like tensorflow/addons' macro).
 
-Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) and links
-libtensorflow_framework.so.2, with the flags TF 2.21 needs (C++17, its ABI).
+Compiles against the headers of the installed TensorFlow wheel (@local_config_tf) with the
+flags its tf.sysconfig.get_compile_flags() gives (the C++ standard, ABI and Eigen alignment of
+the wheel), and links libtensorflow_framework.so.2.
 """
 
-TF_COPTS = [
-    "-std=c++17",
-    "-D_GLIBCXX_USE_CXX11_ABI=1",
-    "-DEIGEN_MAX_ALIGN_BYTES=64",
+load("@local_config_tf//:tf_flags.bzl", "TF_COMPILE_FLAGS")
+
+# The instruction sets the CPU core is compiled for, by variant name (the C++ namespace of
+# that copy of block_sparse_attention_core.cc; block_sparse_attention_cpu_dispatch.cc checks
+# the same x86-64 levels with __builtin_cpu_supports before running one). "avx2" is the
+# baseline, which the rest of the op library is compiled for too.
+CPU_ISA_COPTS = {
+    # x86-64-v3: AVX2, FMA, BMI1/2, F16C, LZCNT, MOVBE (Haswell, Zen and later).
+    "avx2": ["-march=x86-64-v3"],
+    # x86-64-v4: x86-64-v3 plus AVX512F/BW/CD/DQ/VL (Skylake-SP, Zen 4 and later).
+    "avx512": ["-march=x86-64-v4"],
+}
+
+TF_COPTS = TF_COMPILE_FLAGS + [
     "-O3",
-    "-march=native",
-    # The Eigen that TF 2.21 ships does not compile its AVX512-FP16 packet
-    # math (PacketMathFP16.h: predux_half_dowto4 has no primary template),
-    # which it enables when -march=native defines __AVX512FP16__ (Sapphire
-    # Rapids and later Xeons). Undefining the macro keeps Eigen off that
-    # path with every compiler; -mno-avx512fp16 would fail before GCC 12.
-    "-U__AVX512FP16__",
     "-fPIC",
 ]
 
 # The GPU launcher and its C ABI library run on machines other than the build's (a GPU host):
-# no -march=native.
-GPU_COPTS = [
-    "-std=c++17",
-    "-D_GLIBCXX_USE_CXX11_ABI=1",
+# the default x86-64 target. The ABI flags are TensorFlow's, as the op library links it.
+GPU_COPTS = TF_COMPILE_FLAGS + [
     "-O2",
     "-fPIC",
 ]
 
 def custom_op_library(name, srcs = [], deps = [], copts = [], linkopts = [], **kwargs):
-    """Builds `name` (e.g. "_foo_ops.so") as a shared library loadable by tf.load_op_library."""
+    """Builds `name` (e.g. "_foo_ops.so") as a shared library loadable by tf.load_op_library.
+
+    Its sources are compiled for the baseline CPU (CPU_ISA_COPTS["avx2"])."""
     native.cc_binary(
         name = name,
         srcs = srcs,
-        copts = TF_COPTS + copts,
+        copts = TF_COPTS + CPU_ISA_COPTS["avx2"] + copts,
         linkshared = 1,
         linkstatic = 1,
         linkopts = linkopts,

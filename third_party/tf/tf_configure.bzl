@@ -1,12 +1,17 @@
 """Repository rule exposing the installed TensorFlow wheel's headers and framework library.
 
 Runs the python named by PYTHON_BIN_PATH (tools/build_ops.sh sets it with --repo_env) and asks
-tf.sysconfig where the headers and libtensorflow_framework.so.2 live, then symlinks them into
-the external repository @local_config_tf, which provides:
+tf.sysconfig where the headers and the framework library live and which flags a custom op
+needs, then symlinks the files into the external repository @local_config_tf, which provides:
   @local_config_tf//:tf_header_lib             headers (include root: include/)
-  @local_config_tf//:libtensorflow_framework   libtensorflow_framework.so.2 to link against
+  @local_config_tf//:libtensorflow_framework   the framework library to link against
+                                               (libtensorflow_framework.so.2)
   @local_config_tf//:python.sh                 runs that python (for build steps in Python,
                                                such as the Triton kernels' compilation)
+  @local_config_tf//:tf_flags.bzl              TF_COMPILE_FLAGS: tf.sysconfig.get_compile_flags()
+                                               without its -I (tf_header_lib has the headers),
+                                               i.e. the C++ standard, ABI and Eigen alignment
+                                               the wheel was built with
 """
 
 _PYTHON_BIN_PATH = "PYTHON_BIN_PATH"
@@ -16,7 +21,15 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 print("TF_INCLUDE=" + tf.sysconfig.get_include())
-print("TF_LIB=" + tf.sysconfig.get_lib())
+for flag in tf.sysconfig.get_compile_flags():
+    if not flag.startswith("-I"):
+        print("TF_COMPILE_FLAG=" + flag)
+# The framework library is named by the link flags: -L<dir> and -l:<file>.
+for flag in tf.sysconfig.get_link_flags():
+    if flag.startswith("-L"):
+        print("TF_LIB_DIR=" + flag[2:])
+    elif flag.startswith("-l:"):
+        print("TF_FRAMEWORK=" + flag[3:])
 """
 
 _BUILD = """\
@@ -30,7 +43,7 @@ cc_library(
 
 cc_library(
     name = "libtensorflow_framework",
-    srcs = ["libtensorflow_framework.so.2"],
+    srcs = ["{framework}"],
 )
 
 exports_files(["python.sh"])
@@ -48,21 +61,27 @@ def _tf_configure_impl(ctx):
         fail("tf_configure: '%s' could not import tensorflow (exit %d):\n%s" %
              (python, result.return_code, result.stderr))
     paths = {}
+    compile_flags = []
     for line in result.stdout.splitlines():
         if "=" in line:
             key, _, value = line.partition("=")
-            paths[key.strip()] = value.strip()
-    if "TF_INCLUDE" not in paths or "TF_LIB" not in paths:
+            if key.strip() == "TF_COMPILE_FLAG":
+                compile_flags.append(value.strip())
+            else:
+                paths[key.strip()] = value.strip()
+    if ("TF_INCLUDE" not in paths or "TF_LIB_DIR" not in paths or
+        "TF_FRAMEWORK" not in paths or not compile_flags):
         fail("tf_configure: unexpected output from %s:\n%s" % (python, result.stdout))
-    framework = paths["TF_LIB"] + "/libtensorflow_framework.so.2"
+    framework = paths["TF_LIB_DIR"] + "/" + paths["TF_FRAMEWORK"]
     if not ctx.path(framework).exists:
         fail("tf_configure: %s does not exist" % framework)
     ctx.symlink(paths["TF_INCLUDE"], "include")
-    ctx.symlink(framework, "libtensorflow_framework.so.2")
+    ctx.symlink(framework, paths["TF_FRAMEWORK"])
     # A script, not a symlink: a virtual environment's python finds its
     # packages only when run by its own path.
     ctx.file("python.sh", '#!/bin/sh\nexec "%s" "$@"\n' % python, executable = True)
-    ctx.file("BUILD", _BUILD)
+    ctx.file("tf_flags.bzl", "TF_COMPILE_FLAGS = %r\n" % compile_flags)
+    ctx.file("BUILD", _BUILD.format(framework = paths["TF_FRAMEWORK"]))
     ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
 
 tf_configure = repository_rule(

@@ -1,6 +1,10 @@
 // CPU core of fused block-sparse attention: small register-blocked GEMMs over
 // bs x bs tiles, an online softmax (flash-attention style) in float32, and a
 // backward pass that recomputes probabilities from the saved log-sum-exp.
+//
+// Compiled once per instruction set (custom_ops/BUILD): ST_KERAS_CPU_ISA names
+// the variant and is the namespace of its copy, so the copies' symbols do not
+// collide. Everything is internal except the variant's table, kCpuCore.
 #include "custom_ops/cc/kernels/block_sparse_attention_core.h"
 
 #include <algorithm>
@@ -9,15 +13,22 @@
 #include <cstring>
 #include <limits>
 
+#ifndef ST_KERAS_CPU_ISA
+#error "compile with -DST_KERAS_CPU_ISA=<variant> (custom_ops/BUILD does)"
+#endif
+#define ST_KERAS_STRINGIFY(x) #x
+#define ST_KERAS_NAME(x) ST_KERAS_STRINGIFY(x)
+
 namespace st_keras {
+namespace ST_KERAS_CPU_ISA {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// One SIMD register of floats: 16 lanes with AVX-512, 8 otherwise (AVX2, or
-// split by the compiler on older targets). Loads and stores go through an
-// alias of the same type with 4-byte alignment: no alignment is assumed.
+// One SIMD register of floats: 16 lanes in the AVX-512 variant, 8 in the
+// AVX2 one. Loads and stores go through an alias of the same type with
+// 4-byte alignment: no alignment is assumed.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #else
@@ -499,8 +510,6 @@ bool FinishRows(int64_t rows, int64_t d, const float* acc,
   return AllFinite(out, rows * d);
 }
 
-}  // namespace
-
 void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
                     int64_t block_size, int64_t head_dim, float* dst,
                     const ParallelFor& parallel_for) {
@@ -735,4 +744,17 @@ void BlockSparseAttentionBackward(const BackwardArgs& args,
   });
 }
 
+}  // namespace
+
+const CpuCore kCpuCore = {  // declared extern in the header
+    ST_KERAS_NAME(ST_KERAS_CPU_ISA),
+    TransposeTiles,
+    RowDeltas,
+    ForwardWorkspaceFloats,
+    BackwardWorkspaceFloats,
+    BlockSparseAttentionForward,
+    BlockSparseAttentionBackward,
+};
+
+}  // namespace ST_KERAS_CPU_ISA
 }  // namespace st_keras

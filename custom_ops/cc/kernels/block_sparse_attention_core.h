@@ -12,7 +12,7 @@
 // tokens, the [head_dim, bs] transpose: [batch, heads, nb, head_dim, bs].
 //
 // Nothing here allocates: the forward and backward passes take a workspace
-// of {Forward,Backward}WorkspaceFloats() floats per worker of the
+// of {forward,backward}_workspace_floats() floats per worker of the
 // parallel-for, which the caller allocates (and can fail to allocate) up
 // front.
 #ifndef ST_KERAS_CUSTOM_OPS_CC_KERNELS_BLOCK_SPARSE_ATTENTION_CORE_H_
@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "custom_ops/cc/kernels/block_sparse_attention_params.h"
 
@@ -45,7 +46,7 @@ struct ForwardArgs {
   // lse = m + log l rounds log l away where |m| is large, so the backward
   // pass takes these.
   float* stats = nullptr;
-  float* workspace = nullptr;  // [workers, ForwardWorkspaceFloats()]
+  float* workspace = nullptr;  // [workers, forward_workspace_floats()]
 };
 
 struct BackwardArgs {
@@ -61,42 +62,67 @@ struct BackwardArgs {
   float* dq = nullptr;           // [B, H, n, d], overwritten
   float* dk = nullptr;           // [B, H, n, d], overwritten
   float* dv = nullptr;           // [B, H, n, d], overwritten
-  float* workspace = nullptr;    // [workers, BackwardWorkspaceFloats()]
+  float* workspace = nullptr;    // [workers, backward_workspace_floats()]
 };
 
-// Writes, for each of `groups` sequences of n = num_blocks * bs rows of
-// head_dim floats, the [head_dim, bs] transpose of every block of bs rows.
-void TransposeTiles(const float* src, int64_t groups, int64_t num_blocks,
-                    int64_t block_size, int64_t head_dim, float* dst,
-                    const ParallelFor& parallel_for);
+// The core's entry points, as compiled for one instruction set:
+// block_sparse_attention_core.cc is compiled once per variant of
+// custom_ops/custom_op_library.bzl's CPU_ISA_COPTS, each copy in its own
+// namespace, defining <isa>::kCpuCore. ChosenCpuCore() picks the one to run.
+struct CpuCore {
+  const char* isa;  // the variant's name: "avx2" or "avx512"
 
-// delta[r] = sum_d dout[r, d] * out[r, d] - dlse[r] for `rows` rows.
-void RowDeltas(const float* dout, const float* out, const float* dlse,
-               int64_t rows, int64_t head_dim, float* delta,
-               const ParallelFor& parallel_for);
+  // Writes, for each of `groups` sequences of n = num_blocks * bs rows of
+  // head_dim floats, the [head_dim, bs] transpose of every block of bs rows.
+  void (*transpose_tiles)(const float* src, int64_t groups,
+                          int64_t num_blocks, int64_t block_size,
+                          int64_t head_dim, float* dst,
+                          const ParallelFor& parallel_for);
 
-// Floats of workspace each worker of the forward (backward) pass needs.
-int64_t ForwardWorkspaceFloats(const AttentionShape& shape,
-                               const LayoutTables& layout);
-int64_t BackwardWorkspaceFloats(const AttentionShape& shape,
-                                const LayoutTables& layout);
+  // delta[r] = sum_d dout[r, d] * out[r, d] - dlse[r] for `rows` rows.
+  void (*row_deltas)(const float* dout, const float* out, const float* dlse,
+                     int64_t rows, int64_t head_dim, float* delta,
+                     const ParallelFor& parallel_for);
 
-// Online-softmax attention over the layout's tiles; parallel over
-// (batch, head, group of consecutive query blocks). Non-finite inputs give
-// exactly the outputs exact arithmetic gives: a NaN score in an allowed
-// position makes its row NaN, and a non-finite value v[j, c] reaches
-// out[i, c] for exactly the rows i that attend key j (a row with no allowed
-// key stays zero).
-void BlockSparseAttentionForward(const ForwardArgs& args,
-                                 const ParallelFor& parallel_for);
+  // Floats of workspace each worker of the forward (backward) pass needs.
+  int64_t (*forward_workspace_floats)(const AttentionShape& shape,
+                                      const LayoutTables& layout);
+  int64_t (*backward_workspace_floats)(const AttentionShape& shape,
+                                       const LayoutTables& layout);
 
-// Gradients recomputing scores from q, k and the saved stats; walks the tiles
-// in the forward's order, parallel over (batch, head). Masked-out scores get
-// probability and dS exactly 0, so NaN of a row or key reaches the gradients
-// through its allowed positions (the tile GEMMs still spread it, as 0 * NaN,
-// to the rows and keys that share a tile with it).
-void BlockSparseAttentionBackward(const BackwardArgs& args,
-                                  const ParallelFor& parallel_for);
+  // Online-softmax attention over the layout's tiles; parallel over
+  // (batch, head, group of consecutive query blocks). Non-finite inputs give
+  // exactly the outputs exact arithmetic gives: a NaN score in an allowed
+  // position makes its row NaN, and a non-finite value v[j, c] reaches
+  // out[i, c] for exactly the rows i that attend key j (a row with no
+  // allowed key stays zero).
+  void (*forward)(const ForwardArgs& args, const ParallelFor& parallel_for);
+
+  // Gradients recomputing scores from q, k and the saved stats; walks the
+  // tiles in the forward's order, parallel over (batch, head). Masked-out
+  // scores get probability and dS exactly 0, so NaN of a row or key reaches
+  // the gradients through its allowed positions (the tile GEMMs still spread
+  // it, as 0 * NaN, to the rows and keys that share a tile with it).
+  void (*backward)(const BackwardArgs& args, const ParallelFor& parallel_for);
+};
+
+namespace avx2 {
+extern const CpuCore kCpuCore;
+}  // namespace avx2
+namespace avx512 {
+extern const CpuCore kCpuCore;
+}  // namespace avx512
+
+// The variant this process runs, chosen at the first call: the one that
+// ST_KERAS_CPU_ISA names ("avx2" or "avx512"), else the widest this CPU
+// supports. core is null when none can run (an unknown name, a forced
+// variant this CPU lacks, or a CPU without AVX2 and FMA); error then says
+// why.
+struct CpuCoreChoice {
+  const CpuCore* core = nullptr;
+  std::string error;
+};
+const CpuCoreChoice& ChosenCpuCore();
 
 }  // namespace st_keras
 

@@ -1,7 +1,8 @@
 // TensorFlow CPU kernels of fused block-sparse attention: dtype conversion
 // to float32, every allocation (as TensorFlow tensors, so a
 // failure is an error status) and the thread pool; the math is in
-// block_sparse_attention_core.cc.
+// block_sparse_attention_core.cc, in the variant ChosenCpuCore() picks for
+// this CPU.
 #define EIGEN_USE_THREADS
 
 #include <type_traits>
@@ -84,12 +85,25 @@ void FinishOutput(OpKernelContext* ctx, const Tensor& scratch, Tensor* t) {
   }
 }
 
+// The CPU core variant this process runs (ChosenCpuCore); an error when none
+// can run on this CPU, or ST_KERAS_CPU_ISA forces one it cannot run.
+absl::Status GetCpuCore(const ::st_keras::CpuCore** core) {
+  const ::st_keras::CpuCoreChoice& choice = ::st_keras::ChosenCpuCore();
+  if (choice.core == nullptr) {
+    return absl::FailedPreconditionError(choice.error);
+  }
+  *core = choice.core;
+  return absl::OkStatus();
+}
+
 template <typename T>
 class BlockSparseAttentionOp : public BlockSparseAttentionKernel {
  public:
   using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
+    const ::st_keras::CpuCore* core = nullptr;
+    OP_REQUIRES_OK(ctx, GetCpuCore(&core));
     Inputs in;
     ForwardOutputs outputs;
     OP_REQUIRES_OK(ctx, StartForward(ctx, &in, &outputs));
@@ -108,19 +122,19 @@ class BlockSparseAttentionOp : public BlockSparseAttentionKernel {
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.out, &out32, &args.out));
     OP_REQUIRES_OK(ctx, AllocateWorkspace(
                             ctx,
-                            ::st_keras::ForwardWorkspaceFloats(in.shape,
-                                                               in.layout),
+                            core->forward_workspace_floats(in.shape,
+                                                           in.layout),
                             &workspace));
     args.lse = outputs.lse->flat<float>().data();
     args.stats = outputs.stats->flat<float>().data();
     args.workspace = workspace.flat<float>().data();
     auto parallel_for = MakeParallelFor(ctx);
     const int64_t bh = in.shape.batch * in.shape.heads;
-    ::st_keras::TransposeTiles(k, bh, in.layout.num_blocks,
-                               in.layout.block_size, in.shape.head_dim,
-                               kt.flat<float>().data(), parallel_for);
+    core->transpose_tiles(k, bh, in.layout.num_blocks, in.layout.block_size,
+                          in.shape.head_dim, kt.flat<float>().data(),
+                          parallel_for);
     args.kt = kt.flat<float>().data();
-    ::st_keras::BlockSparseAttentionForward(args, parallel_for);
+    core->forward(args, parallel_for);
     FinishOutput<T>(ctx, out32, outputs.out);
   }
 };
@@ -131,6 +145,8 @@ class BlockSparseAttentionGradOp : public BlockSparseAttentionKernel {
   using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
 
   void Compute(OpKernelContext* ctx) override {
+    const ::st_keras::CpuCore* core = nullptr;
+    OP_REQUIRES_OK(ctx, GetCpuCore(&core));
     Inputs in;
     GradOutputs outputs;
     OP_REQUIRES_OK(ctx, StartGrad(ctx, &in, &outputs));
@@ -161,8 +177,8 @@ class BlockSparseAttentionGradOp : public BlockSparseAttentionKernel {
     OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.dv, &dv32, &args.dv));
     OP_REQUIRES_OK(ctx, AllocateWorkspace(
                             ctx,
-                            ::st_keras::BackwardWorkspaceFloats(in.shape,
-                                                                in.layout),
+                            core->backward_workspace_floats(in.shape,
+                                                            in.layout),
                             &workspace));
     args.workspace = workspace.flat<float>().data();
 
@@ -170,18 +186,18 @@ class BlockSparseAttentionGradOp : public BlockSparseAttentionKernel {
     const int64_t bh = in.shape.batch * in.shape.heads;
     const int64_t nb = in.layout.num_blocks, bs = in.layout.block_size;
     const int64_t d = in.shape.head_dim;
-    ::st_keras::TransposeTiles(args.k, bh, nb, bs, d, kt.flat<float>().data(),
-                               parallel_for);
-    ::st_keras::TransposeTiles(v, bh, nb, bs, d, vt.flat<float>().data(),
-                               parallel_for);
-    ::st_keras::RowDeltas(args.dout, out_f, dlse.flat<float>().data(),
-                          bh * in.shape.seq_len, d,
-                          delta.flat<float>().data(), parallel_for);
+    core->transpose_tiles(args.k, bh, nb, bs, d, kt.flat<float>().data(),
+                          parallel_for);
+    core->transpose_tiles(v, bh, nb, bs, d, vt.flat<float>().data(),
+                          parallel_for);
+    core->row_deltas(args.dout, out_f, dlse.flat<float>().data(),
+                     bh * in.shape.seq_len, d, delta.flat<float>().data(),
+                     parallel_for);
     args.kt = kt.flat<float>().data();
     args.vt = vt.flat<float>().data();
     args.stats = stats.flat<float>().data();
     args.delta = delta.flat<float>().data();
-    ::st_keras::BlockSparseAttentionBackward(args, parallel_for);
+    core->backward(args, parallel_for);
     FinishOutput<T>(ctx, dq32, outputs.dq);
     FinishOutput<T>(ctx, dk32, outputs.dk);
     FinishOutput<T>(ctx, dv32, outputs.dv);

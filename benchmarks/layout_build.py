@@ -217,7 +217,8 @@ def render(results: dict, command: str, flex_version: str) -> str:
       BEGIN, "## Layout construction (n up to 2^20)", "",
       f"Command: `{command}`, "
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-      f"{common.machine_description()}. Block {BLOCK}, stride {STRIDE} (every n), "
+      f"{common.machine_description()}. Block {BLOCK}, stride {STRIDE} "
+      "(every n), "
       f"summary {SUMMARY} (fixed, one summary pattern), {HEADS} heads, "
       "causal. numpy only.", "",
       "| pattern | n | build s | peak MiB (tracemalloc) | table MiB | tiles "

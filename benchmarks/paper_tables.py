@@ -840,7 +840,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     lines += table2_markdown(
         "Images: scikit-learn digits as 32x32x3 CIFAR-10 records",
         sections["images"], "bits per dim", plots["images"],
-        "Data: benchmarks/digits_to_cifar.py (1,797 handwritten digits, bilinear "
+        "Data: benchmarks/digits_to_cifar.py (1,797 handwritten digits, "
+        "bilinear "
         "8x8 -> 32x32, grey repeated in the three channels; 297 held out). "
         "The paper (CIFAR-10): dense 2.82 / fixed 2.85 / strided 2.80 bits "
         "per dim at 0.54 / 0.47 / 0.38 s per iteration: on images strided "
@@ -934,7 +935,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                 "context."]
     if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
-                "`python -m benchmarks.context_use`, given this run and Table 2's "
+                "`python -m benchmarks.context_use`, given this run and "
+                "Table 2's "
                 "text runs, shows whether the models use their context at "
                 "all: its sweeps in windows of c bytes and in full windows "
                 "and the per-position profile of each model, the dense one "

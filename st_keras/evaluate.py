@@ -24,9 +24,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from st_keras import cli_types
 from st_keras import config as config_lib
+from st_keras import data
 from st_keras import run_dir as run_dir_lib
 from st_keras.data import kinds
 
@@ -70,8 +74,6 @@ def load_run(run_dir: str, model_path: Optional[str] = None) -> Run:
   Raises:
     FileNotFoundError: config.json or the model is missing.
   """
-  import keras  # pylint: disable=import-outside-toplevel
-  from st_keras import models  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   config_path = os.path.join(run_dir, run_dir_lib.CONFIG_FILE)
   model_path = model_path or os.path.join(run_dir, "model.keras")
   for path in (config_path, model_path):
@@ -107,8 +109,6 @@ def held_out_bits(model, valid: np.ndarray, batch: int = BATCH) -> dict:
     {'bits': mean bits over every predicted byte, 'windows': windows read,
     'tokens': bytes predicted}.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from st_keras import data  # pylint: disable=import-outside-toplevel
   if batch < 1:
     raise ValueError(f"batch must be positive, got {batch}")
   if valid.ndim == 1:
@@ -205,7 +205,6 @@ def context_sweep(model, valid, contexts: list, scored: int, segments: int,
     ValueError: a context outside [scored, model.seq_len], or too few
       segment ends.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   valid = _stream(valid, "the context sweep")
   k, n = scored, model.seq_len
   if not 1 <= k <= n:
@@ -290,7 +289,6 @@ def position_profile(model, valid, windows: int, band: int,
   Raises:
     ValueError: band does not divide the context, or windows < 1.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   valid = _stream(valid, "the position profile")
   n = model.seq_len
   if band < 1 or n % band:
@@ -361,31 +359,6 @@ def evaluate_run(run: Run, contexts: Sequence[int] = (),
   return result
 
 
-def _contexts(text: str) -> list:
-  """argparse type: comma-separated positive ints, ascending."""
-  try:
-    values = [int(v) for v in text.split(",")]
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"must be comma-separated integers, got {text!r}") from None
-  if any(v < 1 for v in values) or values != sorted(set(values)):
-    raise argparse.ArgumentTypeError(
-        f"must be positive and ascending, got {text!r}")
-  return values
-
-
-def _positive_int(text: str) -> int:
-  """argparse type: an int >= 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") \
-        from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-  return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`st-eval --run RUN_DIR [--contexts C,...] [--profile] ...`."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -393,14 +366,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="a run directory written by st-train")
   parser.add_argument("--model", help="the model to evaluate (default: "
                       "RUN/model.keras)")
-  parser.add_argument("--contexts", type=_contexts,
+  parser.add_argument("--contexts", type=cli_types.ascending_ints,
                       help="the context sweep (Table 3): comma-separated "
                       "evaluation contexts, ascending, each at most the "
                       "model's context")
-  parser.add_argument("--scored", type=_positive_int,
+  parser.add_argument("--scored", type=cli_types.positive_int,
                       help="bytes scored at the end of each sweep window "
                       "(default: the smallest context)")
-  parser.add_argument("--segments", type=_positive_int, default=256,
+  parser.add_argument("--segments", type=cli_types.positive_int,
+                      default=256,
                       help="held-out segments of the sweep")
   parser.add_argument("--full-windows", action="store_true",
                       help="sweep in windows of the model's context whose "
@@ -410,11 +384,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "(text runs)")
   parser.add_argument("--profile", action="store_true",
                       help="bits by band of window positions")
-  parser.add_argument("--windows", type=_positive_int, default=256,
+  parser.add_argument("--windows", type=cli_types.positive_int,
+                      default=256,
                       help="windows of the profile")
-  parser.add_argument("--band", type=_positive_int, default=512,
+  parser.add_argument("--band", type=cli_types.positive_int,
+                      default=512,
                       help="positions per band of the profile")
-  parser.add_argument("--batch", type=_positive_int, default=BATCH,
+  parser.add_argument("--batch", type=cli_types.positive_int,
+                      default=BATCH,
                       help="windows per forward pass")
   parser.add_argument("--output", help="JSON file to write (also printed)")
   args = parser.parse_args(argv)

@@ -395,10 +395,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="windows per forward pass")
   parser.add_argument("--output", help="JSON file to write (also printed)")
   args = parser.parse_args(argv)
-  for flag in ("scored", "segments", "full_windows", "within_file"):
-    if getattr(args, flag) not in (None, False, parser.get_default(flag)) \
-        and not args.contexts:
-      parser.error(f"--{flag.replace('_', '-')} needs --contexts")
+  for flags, needed, given in (
+      (("scored", "segments", "full_windows", "within_file"), "--contexts",
+       args.contexts),
+      (("windows", "band"), "--profile", args.profile)):
+    for flag in flags:
+      if not given and getattr(args, flag) != parser.get_default(flag):
+        parser.error(f"--{flag.replace('_', '-')} needs {needed}")
   if not os.path.isdir(args.run):
     parser.error(f"--run: {args.run} is not a directory")
   try:

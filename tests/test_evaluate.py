@@ -268,8 +268,9 @@ def test_st_eval_writes_the_json(tiny_run, tmp_path, capsys):
     (["--contexts", "16", "--scored", "32"],
      "--scored: at most the smallest context 16"),
     (["--full-windows"], "--full-windows needs --contexts"),
+    (["--band", "16"], "--band needs --profile"),
     (["--profile", "--band", "24"], "--band must divide the model's context"),
-    (["--windows", "0"], "--windows: must be >= 1"),
+    (["--profile", "--windows", "0"], "--windows: must be >= 1"),
     (["--model", "missing.keras"], "--model: missing.keras does not exist"),
 ])
 def test_st_eval_rejects_bad_arguments(tiny_run, capsys, args, message):

@@ -338,17 +338,17 @@ def evaluate_run(run: Run, contexts: Sequence[int] = (),
     when contexts are given, 'profile': {'windows', 'band', 'bits'} when
     profile_windows > 0}.
   """
-  model, valid, data = run.model, run.valid, run.config.data
-  result = {"kind": data.kind, "metric": run.kind.metric,
+  model, valid, data_cfg = run.model, run.valid, run.config.data
+  result = {"kind": data_cfg.kind, "metric": run.kind.metric,
             "context": model.seq_len,
             "held_out": held_out_bits(model, valid, batch)}
   if contexts:
     scored = scored or min(contexts)
-    starts = (kinds.held_out_file_starts(data, valid) if within_file
+    starts = (kinds.held_out_file_starts(data_cfg, valid) if within_file
               else None)
     sweep = context_sweep(model, valid, list(contexts), scored, segments,
                           batch, starts=starts, full_windows=full_windows,
-                          separator=data.separator)
+                          separator=data_cfg.separator)
     sweep.update(contexts=list(contexts), scored=scored, segments=segments)
     result["sweep"] = sweep
   if profile_windows:

@@ -14,6 +14,7 @@ from st_keras import evaluate
 from st_keras import models
 from st_keras import run_dir
 from st_keras import train
+from st_keras.data import kinds
 
 # tests/test_model.py's TINY model, as a run's config.
 TINY_MODEL = dict(width=16, num_layers=2, num_heads=2, stride=16,
@@ -284,3 +285,19 @@ def test_st_eval_needs_a_run_directory(tmp_path, capsys):
   with pytest.raises(SystemExit):
     evaluate.main(["--run", str(tmp_path / "none")])
   assert "--run: " in capsys.readouterr().err
+
+
+def test_evaluate_run_sweeps_within_files_in_full_windows(tiny_run):
+  run = evaluate.load_run(tiny_run)
+  result = evaluate.evaluate_run(run, [16, 64], segments=5, full_windows=True,
+                                 within_file=True)
+  assert "profile" not in result
+  sweep = result["sweep"]
+  # The run's separator ends the other segment's bytes.
+  assert sweep["separator"] == run.config.data.separator == 28
+  starts = kinds.held_out_file_starts(run.config.data, run.valid)
+  expected = evaluate.context_sweep(run.model, run.valid, [16, 64], 16, 5,
+                                    starts=starts, full_windows=True,
+                                    separator=28)
+  assert sweep["bits"] == expected["bits"]
+  assert (sweep["scored"], sweep["scored_bytes"]) == (16, 5 * 16)

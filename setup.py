@@ -58,6 +58,7 @@ setup(
         "st-train = st_keras.train:main",
         "st-sample = st_keras.sample:main",
         "st-export = st_keras.export:main",
+        "st-eval = st_keras.evaluate:main",
     ]},
     cmdclass={"build_py": BuildPyWithOps},
     distclass=BinaryDistribution,

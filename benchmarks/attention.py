@@ -25,8 +25,8 @@ cell and peak RSS is clean; the parent kills a child past its time or memory
 limit.
 
 Usage (from the repository root):
-  PYTHONPATH=. .venv/bin/python benchmarks/attention.py          # full run
-  PYTHONPATH=. .venv/bin/python benchmarks/attention.py --quick  # ~1 min
+  python -m benchmarks.attention          # full run
+  python -m benchmarks.attention --quick  # ~1 min
   ... --patterns fixed --impls custom_op,torch_flex --max-n 8192 --reps 3
 
 The full run writes its section of BENCHMARKS.md (between the markers
@@ -37,8 +37,6 @@ prints the tables unless --output is given. Linux only (reads /proc).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import functools
 import gc
@@ -46,16 +44,15 @@ import math
 import multiprocessing
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 
+from benchmarks import common
+from benchmarks.common import GIB, MIB, proc_status_bytes
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # also runnable without PYTHONPATH=.
-  sys.path.insert(0, REPO_ROOT)
 
 # Problem sizes.
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
@@ -114,11 +111,10 @@ PEAK_FACTORS = {
     ("pure_tf", "fwd"): 1.2, ("pure_tf", "fwd_bwd"): 2.5,
 }
 
-MIB, GIB = 2**20, 2**30
 SECTION_BEGIN = "<!-- attention:begin -->"
 SECTION_END = "<!-- attention:end -->"
-DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "BENCHMARKS.md")
-DEFAULT_PLOT = os.path.join(REPO_ROOT, "docs", "attention_benchmark.png")
+DEFAULT_OUTPUT = common.BENCHMARKS_MD
+DEFAULT_PLOT = os.path.join(common.REPO_ROOT, "docs", "attention_benchmark.png")
 
 
 class Unavailable(Exception):
@@ -177,46 +173,6 @@ def causal_pairs(n):
   return HEADS * n * (n + 1) // 2
 
 
-# ----------------------------------------------------------------------------
-# Memory probes (/proc).
-
-
-def proc_status_bytes(field, pid="self"):
-  """Reads a kB field (VmRSS, VmHWM) of /proc/<pid>/status.
-
-  Args:
-    field: the field name.
-    pid: a process id or "self".
-
-  Returns:
-    The value in bytes, or 0 when the process is gone.
-  """
-  try:
-    with open(f"/proc/{pid}/status") as status:
-      for line in status:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except (FileNotFoundError, ProcessLookupError):
-    pass
-  return 0
-
-
-def release_free_memory():
-  """Returns the C heap's free pages to the OS (glibc malloc_trim)."""
-  gc.collect()
-  libc_name = ctypes.util.find_library("c")
-  try:
-    ctypes.CDLL(libc_name).malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc: RSS may then keep freed pages
-    pass
-
-
-def reset_peak_rss():
-  """Resets this process's VmHWM to its current RSS."""
-  with open("/proc/self/clear_refs", "w") as clear_refs:
-    clear_refs.write("5")
-
-
 def measure(run, reps, min_timed_s=0.0):
   """Times a callable and records its peak memory.
 
@@ -242,9 +198,9 @@ def measure(run, reps, min_timed_s=0.0):
   warmup_s = time.perf_counter() - start
   if warmup_s < SECOND_WARMUP_BELOW_S:
     run()
-  release_free_memory()
+  common.release_free_memory()
   baseline = proc_status_bytes("VmRSS")
-  reset_peak_rss()
+  common.reset_peak_rss()
   times = []
   gc.disable()
   try:
@@ -840,36 +796,6 @@ def run_all(ctx, keys, sizes, reps, min_timed_s, timeout_s):
 
 
 # ----------------------------------------------------------------------------
-# Parent side: machine description.
-
-
-def machine_description():
-  """Returns a one-line description of the CPU, cores and memory."""
-  model, flags = platform.processor() or "unknown CPU", set()
-  with open("/proc/cpuinfo") as cpuinfo:
-    for line in cpuinfo:
-      name, _, value = line.partition(":")
-      if name.strip() == "model name":
-        model = value.strip()
-      elif name.strip() == "flags":
-        flags = set(value.split())
-  isa = [f for f in ("avx2", "fma") if f in flags]
-  isa.append("AVX-512" if "avx512f" in flags else "no AVX-512")
-  mem_gib = _meminfo_kib("MemTotal") / 2**20
-  return (f"{model}, {os.cpu_count()} cores ({', '.join(isa)}), "
-          f"{mem_gib:.1f} GiB RAM, {platform.system()} {platform.release()}")
-
-
-def _meminfo_kib(field):
-  """Returns a field of /proc/meminfo in KiB."""
-  with open("/proc/meminfo") as meminfo:
-    for line in meminfo:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  return 0
-
-
-# ----------------------------------------------------------------------------
 # Parent side: report.
 
 
@@ -1048,28 +974,6 @@ def render_section(meta, patterns, impls, ns, op_ns, results, sizes,
   return "\n".join(lines) + "\n"
 
 
-def write_section(path, section, begin_marker=SECTION_BEGIN,
-                  end_marker=SECTION_END):
-  """Replaces (or appends) one marked section of a Markdown file.
-
-  Args:
-    path: the Markdown file; created with a title when missing.
-    section: the new text, markers included.
-    begin_marker, end_marker: the section's markers (default: attention).
-  """
-  text = "# Benchmarks\n\n"
-  if os.path.exists(path):
-    with open(path) as f:
-      text = f.read()
-  begin, end = text.find(begin_marker), text.find(end_marker)
-  if begin >= 0 and end > begin:
-    text = text[:begin] + section + text[end + len(end_marker):].lstrip("\n")
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  with open(path, "w") as f:
-    f.write(text)
-
-
 def write_plot(path, patterns, impls, ns, op_ns, results):
   """Log-log plot of time vs n: one panel per pattern and mode.
 
@@ -1171,15 +1075,6 @@ def _choices(parser, flag, value, default, allowed):
   return tuple(v for v in allowed if v in chosen)  # canonical order
 
 
-def command_line(argv):
-  """Returns the shell command that reproduces this run."""
-  python = os.path.relpath(sys.executable, REPO_ROOT)
-  if python.startswith(".."):
-    python = sys.executable
-  return (f"PYTHONPATH=. {python} benchmarks/attention.py " +
-          shlex.join(argv)).strip()
-
-
 def main(argv=None):
   """Runs the benchmark; returns the process exit status."""
   argv = sys.argv[1:] if argv is None else argv
@@ -1209,11 +1104,11 @@ def main(argv=None):
   if last["status"] == "ok":
     matmul["end"] = last["gflops"]
   meta = {
-      "command": command_line(argv),
+      "command": common.command("attention", argv),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y-%m-%d %H:%M UTC"),
       "wall_min": (time.monotonic() - start) / 60,
-      "machine": machine_description(),
+      "machine": common.machine_description(),
       "versions": prep["versions"],
       "op_error": prep["op_error"],
       "matmul": matmul,
@@ -1231,7 +1126,7 @@ def main(argv=None):
   section = render_section(meta, args.patterns, args.impls, args.ns,
                            args.op_ns, results, prep["sizes"], plot_ref)
   if args.output:
-    write_section(args.output, section)
+    common.write_section(args.output, section, SECTION_BEGIN, SECTION_END)
     print(f"[attention] wrote {args.output} and {args.plot}", file=sys.stderr)
   else:
     print(section)

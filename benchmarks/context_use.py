@@ -3,21 +3,22 @@
 For each trained text run (an output directory of `st_keras.train`), two
 measurements on the run's held-out bytes:
 
-1. the Table 3 sweep of benchmarks/paper_tables.py: the same bytes scored
-   with contexts from 1/8 of the training context to all of it;
+1. the Table 3 sweep (`st_keras.evaluate.context_sweep`): the same bytes
+   scored with contexts from 1/8 of the training context to all of it;
 2. the same sweep in full windows (`context_sweep(full_windows=True)`):
    the scored bytes keep the window's last positions and only how much of
    the window is their own context differs. Where the first sweep rises
    and this one does not, the rise is the scored bytes' later positions,
    not their longer context;
-3. the position profile: mean bits per byte over bands of positions of
+3. the position profile (`st_keras.evaluate.position_profile`): mean bits
+   per byte over bands of positions of
    whole training-length windows, the same windows for every run. A model
    that uses long context predicts later positions better; one that does
    not is flat after the first band, and its profile follows the content of
    the windows, so models that differ only in attention have alike profiles.
 
 Usage:
-  python benchmarks/context_use.py RUN [RUN ...] [--segments 256]
+  python -m benchmarks.context_use RUN [RUN ...] [--segments 256]
       [--windows 256] [--band 512] [--output BENCHMARKS.md]
 """
 
@@ -25,61 +26,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from benchmarks import paper_tables  # noqa: E402
-from benchmarks.attention import machine_description  # noqa: E402
-from benchmarks.attention import write_section  # noqa: E402
+from benchmarks import common
+from st_keras import evaluate
 
 SECTION_BEGIN = "<!-- context_use:begin -->"
 SECTION_END = "<!-- context_use:end -->"
-BATCH = 4
-
-
-def position_profile(model, valid, windows: int, band: int) -> list:
-  """Mean held-out bits per byte over bands of window positions.
-
-  Args:
-    model: a trained SparseTransformer.
-    valid: its held-out bytes, 1-D uint8.
-    windows: how many windows of the training context, spread evenly over
-      the held-out bytes.
-    band: positions per band; must divide the training context.
-
-  Returns:
-    [training context // band] floats: band b averages positions
-    [b * band, (b + 1) * band) over the windows.
-  """
-  import numpy as np
-  import tensorflow as tf
-  n = model.seq_len
-  if n % band:
-    raise ValueError(f"--band must divide the training context {n}, got "
-                     f"{band}")
-  starts = np.linspace(0, valid.size - n - 1, windows).astype(np.int64)
-
-  @tf.function
-  def nats(x, y):  # (batch, n) int32 each -> (batch, n)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(y, model(x))
-
-  total = np.zeros(n)  # (n,) nats summed over windows
-  for first in range(0, windows, BATCH):
-    batch = starts[first:first + BATCH]
-    x = np.stack([valid[s:s + n] for s in batch]).astype(np.int32)
-    y = np.stack([valid[s + 1:s + n + 1] for s in batch]).astype(np.int32)
-    total += nats(x, y).numpy().sum(0)
-  bits = total / windows / math.log(2.0)
-  return [float(b) for b in bits.reshape(-1, band).mean(1)]
 
 
 def describe(run_dir: str) -> dict:
-  """Name, attention pattern, steps and context of a run."""
+  """Name, attention pattern, steps and context of a run.
+
+  Args:
+    run_dir: a trained run (config.json and summary.json).
+
+  Returns:
+    {'name', 'pattern', 'steps', 'context'}.
+  """
   with open(os.path.join(run_dir, "config.json")) as f:
     config = json.load(f)
   with open(os.path.join(run_dir, "summary.json")) as f:
@@ -91,6 +57,12 @@ def describe(run_dir: str) -> dict:
 
 def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   """The sweep and the profile of every run.
+
+  Args:
+    runs: trained text run directories of one training context.
+    segments: held-out segments of the sweeps.
+    windows: windows of the position profile.
+    band: positions per band of the profile.
 
   Returns:
     {'runs': [describe(run) + 'sweep', 'full': {context: bits},
@@ -106,26 +78,44 @@ def measure(runs: list, segments: int, windows: int, band: int) -> dict:
   contexts = [scored * m for m in (1, 2, 3, 4, 6, 8)]
   for run, d in zip(runs, described):
     print(f"[context_use] {d['name']} ...", flush=True)
-    model, splits, _, separator = paper_tables.load_text_run(run)
-    valid = splits["valid"]
-    d["profile"] = position_profile(model, valid, windows, band)  # checks band
+    loaded = evaluate.load_run(run)
+    model, valid = loaded.model, loaded.valid
+    d["profile"] = evaluate.position_profile(model, valid, windows,
+                                             band)  # checks band
     for key, full in (("sweep", False), ("full", True)):
-      d[key] = paper_tables.context_sweep(model, valid, contexts, scored,
-                                          segments, BATCH, full_windows=full,
-                                          separator=separator)["bits"]
+      d[key] = evaluate.context_sweep(
+          model, valid, contexts, scored, segments, full_windows=full,
+          separator=loaded.config.data.separator)["bits"]
   return {"runs": described, "contexts": contexts, "scored": scored,
           "band": band, "segments": segments, "windows": windows}
 
 
 def sweep_rows(result: dict, key: str) -> list:
-  """Markdown rows of one sweep (key 'sweep' or 'full') of every run."""
+  """Markdown rows of one sweep of every run.
+
+  Args:
+    result: a `measure` result.
+    key: 'sweep' (windows of c bytes) or 'full' (full windows).
+
+  Returns:
+    One '| context | bits | ... |' line per context.
+  """
   return [f"| {c:,} | " + " | ".join(
       f"{r[key][str(c)]:.4f}" for r in result["runs"]) + " |"
           for c in result["contexts"]]
 
 
 def render(result: dict, command: str, minutes: float) -> str:
-  """The BENCHMARKS.md section of one measurement."""
+  """The BENCHMARKS.md section of one measurement.
+
+  Args:
+    result: a `measure` result.
+    command: the command that made it.
+    minutes: its wall time.
+
+  Returns:
+    The section, markers included.
+  """
   runs = result["runs"]
   names = " | ".join(f"{r['name']} ({r['pattern']}, {r['steps']} steps)"
                      for r in runs)
@@ -135,7 +125,7 @@ def render(result: dict, command: str, minutes: float) -> str:
       f"- Command: `{command}`",
       f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
       f"wall time {minutes:.1f} min",
-      f"- Machine: {machine_description()}", "",
+      f"- Machine: {common.machine_description()}", "",
       f"Table 3's sweep: {result['segments']} held-out segments, the last "
       f"{result['scored']} bytes of each scored with every context "
       "(bits per byte), in windows of c bytes:", "",
@@ -161,6 +151,7 @@ def render(result: dict, command: str, minutes: float) -> str:
 
 
 def main(argv=None) -> int:
+  """Measures the runs and writes the section; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("runs", nargs="+", help="trained text run directories")
   parser.add_argument("--segments", type=int, default=256,
@@ -169,8 +160,7 @@ def main(argv=None) -> int:
                       help="windows of the position profile")
   parser.add_argument("--band", type=int, default=512,
                       help="positions per band of the profile")
-  parser.add_argument("--output", default=os.path.join(REPO_ROOT,
-                                                       "BENCHMARKS.md"),
+  parser.add_argument("--output", default=common.BENCHMARKS_MD,
                       help="Markdown file whose context-use section is "
                       "replaced")
   args = parser.parse_args(argv)
@@ -186,13 +176,13 @@ def main(argv=None) -> int:
     result = measure(args.runs, args.segments, args.windows, args.band)
   except ValueError as e:
     parser.error(str(e))
-  command = " ".join(
-      ["PYTHONPATH=. .venv/bin/python benchmarks/context_use.py"] +
-      [os.path.relpath(run, REPO_ROOT) for run in args.runs] +
-      [f"--segments {args.segments}", f"--windows {args.windows}",
-       f"--band {args.band}"])
+  command = common.command(
+      "context_use",
+      [os.path.relpath(run, common.REPO_ROOT) for run in args.runs] +
+      ["--segments", str(args.segments), "--windows", str(args.windows),
+       "--band", str(args.band)])
   section = render(result, command, (time.monotonic() - start) / 60)
-  write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+  common.write_section(args.output, section, SECTION_BEGIN, SECTION_END)
   print(section)
   return 0
 

@@ -23,9 +23,8 @@ import json
 import math
 import os
 
-from benchmarks.attention import write_section
+from benchmarks import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- gpu_attention:begin -->", "<!-- gpu_attention:end -->"
 IMPLS = {"ours": "st_keras (Triton, C ABI)", "flex": "FlexAttention (compiled)",
          "sdpa_causal": "SDPA, dense causal"}
@@ -320,7 +319,7 @@ def main(argv=None) -> int:
                       help="an earlier run's gpu_check.json files")
   parser.add_argument("--date", required=True,
                       help="when the runs were made (the JSON holds no date)")
-  parser.add_argument("--out", default=os.path.join(REPO, "BENCHMARKS.md"))
+  parser.add_argument("--out", default=common.BENCHMARKS_MD)
   args = parser.parse_args(argv)
   runs = load(args.check)
   tune = load([args.tune])[0] if args.tune else None
@@ -335,8 +334,8 @@ def main(argv=None) -> int:
              (f" --tune {args.tune}" if args.tune else "") +
              (" --previous " + " ".join(args.previous) if args.previous
               else ""))
-  write_section(args.out, section(runs, tune, previous, args.date, command),
-                BEGIN, END)
+  common.write_section(
+      args.out, section(runs, tune, previous, args.date, command), BEGIN, END)
   print(f"wrote the GPU section of {args.out} and {PLOT}")
   return 0
 

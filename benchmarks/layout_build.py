@@ -27,7 +27,7 @@ Writes docs/layout_build.json and the `layout_build` section of
 BENCHMARKS.md.
 
 Usage:
-  python benchmarks/layout_build.py [--max-log2n 20] [--repeats 3]
+  python -m benchmarks.layout_build [--max-log2n 20] [--repeats 3]
       [--flex-limit 60] [--flex-max-gib 6] [--output BENCHMARKS.md]
 """
 
@@ -44,18 +44,13 @@ import sys
 import time
 import tracemalloc
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # also runnable without PYTHONPATH=.
-  sys.path.insert(0, REPO_ROOT)
-
-from benchmarks.attention import machine_description  # pylint: disable=wrong-import-position
-from benchmarks.attention import write_section  # pylint: disable=wrong-import-position
+from benchmarks import common
+from benchmarks.common import MIB, REPO_ROOT
 
 BEGIN, END = "<!-- layout_build:begin -->", "<!-- layout_build:end -->"
 BLOCK, STRIDE, SUMMARY, HEADS = 32, 1024, 32, 8
 FLEX_BLOCK = 128
 PATTERNS = ("fixed", "strided")
-MIB = 2.0**20
 
 
 def build(layouts, pattern: str, n: int):
@@ -180,11 +175,11 @@ def measure_flex(pattern: str, sizes, limit: float, max_gib: float) -> dict:
                                f"budget"}
       stopped = f"the dense mask exceeds {max_gib:g} GiB from n = {n}"
       continue
-    command = [sys.executable, os.path.abspath(__file__), "--flex-child",
-               pattern, str(n)]
+    command = [sys.executable, "-m", "benchmarks.layout_build",
+               "--flex-child", pattern, str(n)]
     try:
       done = subprocess.run(command, capture_output=True, text=True,
-                            timeout=limit, check=True)
+                            timeout=limit, check=True, cwd=REPO_ROOT)
       results[n] = json.loads(done.stdout.strip().splitlines()[-1])
     except subprocess.TimeoutExpired:
       results[n] = {"not_run": f"stopped after {limit:g} s"}
@@ -222,7 +217,8 @@ def render(results: dict, command: str, flex_version: str) -> str:
       BEGIN, "## Layout construction (n up to 2^20)", "",
       f"Command: `{command}`, "
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-      f"{machine_description()}. Block {BLOCK}, stride {STRIDE} (every n), "
+      f"{common.machine_description()}. Block {BLOCK}, stride {STRIDE} "
+      "(every n), "
       f"summary {SUMMARY} (fixed, one summary pattern), {HEADS} heads, "
       "causal. numpy only.", "",
       "| pattern | n | build s | peak MiB (tracemalloc) | table MiB | tiles "
@@ -286,18 +282,18 @@ def main(argv=None) -> int:
         if has_torch else
         {n: {"not_run": "torch is not installed"} for n in sizes})
     print(pattern, "flex", results[pattern]["flex"], flush=True)
-  command = " ".join(
-      ["PYTHONPATH=. .venv/bin/python benchmarks/layout_build.py"] +
-      (argv if argv is not None else sys.argv[1:]))
+  command = common.command("layout_build",
+                           argv if argv is not None else sys.argv[1:])
   with open(os.path.join(REPO_ROOT, args.json), "w") as f:
-    json.dump({"command": command, "machine": machine_description(),
+    json.dump({"command": command, "machine": common.machine_description(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "results": results}, f, indent=1)
   versions = {r["torch"] for p in PATTERNS for r in results[p]["flex"].values()
               if "torch" in r}
   section = render(results, command, ", ".join(sorted(versions)) or "-")
   print(section)
-  write_section(os.path.join(REPO_ROOT, args.output), section, BEGIN, END)
+  common.write_section(os.path.join(REPO_ROOT, args.output), section,
+                       BEGIN, END)
   return 0
 
 

@@ -9,11 +9,12 @@
   models in one process taking one step each in turn.
 - Table 2, images: the same comparison on scikit-learn's handwritten digits,
   upsampled to 32x32 and written in the CIFAR-10 binary format by
-  tools/digits_to_cifar.py (stride 96: one image row).
+  benchmarks/digits_to_cifar.py (stride 96: one image row).
 - Table 3: held-out bits per byte of a fixed-pattern text model (Table 2's
   configuration, trained longer) as the evaluation context grows from 1/8 of
   the training context to all of it, scoring only the last 1/8 of every
-  window, so each context predicts the same bytes.
+  window, so each context predicts the same bytes
+  (`st_keras.evaluate.context_sweep`).
 - Table 4: for contexts 2^12 .. 2^20, the largest model of a size ladder
   whose training step (recomputation on) fits the memory budget and a time
   budget, strided (l = sqrt(n)) and dense attention.
@@ -27,10 +28,10 @@ A run of some of the tables (--tables) keeps the others' results from the
 output directory's results.json; each table records when it was run.
 
 Usage:
-  python benchmarks/paper_tables.py            # full: ~2 h, writes docs/
-  python benchmarks/paper_tables.py --tables text,table3
-  python benchmarks/paper_tables.py --tables ""   # redraw from results.json
-  python benchmarks/paper_tables.py --quick --output-dir /tmp/tables
+  python -m benchmarks.paper_tables            # full: ~2 h, writes docs/
+  python -m benchmarks.paper_tables --tables text,table3
+  python -m benchmarks.paper_tables --tables ""   # redraw from results.json
+  python -m benchmarks.paper_tables --quick --output-dir /tmp/tables
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import csv
 import dataclasses
 import functools
 import json
-import math
 import os
 import platform
 import shutil
@@ -51,13 +51,11 @@ import time
 
 import yaml
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from benchmarks import ngram  # noqa: E402
-from benchmarks import training as training_bench  # noqa: E402
-from benchmarks.attention import GIB, MIB, machine_description  # noqa: E402
-from benchmarks.attention import _meminfo_kib, proc_status_bytes  # noqa: E402
+from benchmarks import common
+from benchmarks import digits_to_cifar
+from benchmarks import ngram
+from benchmarks import training as training_bench
+from benchmarks.common import GIB, MIB, REPO_ROOT, proc_status_bytes
 
 CHILD_ENV = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 POLL_S = 0.5
@@ -129,8 +127,7 @@ def run_process(argv: list, timeout_s: float) -> dict:
   start = time.monotonic()
   proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONPATH=REPO_ROOT,
-                                   **CHILD_ENV))
+                          env=dict(os.environ, **CHILD_ENV))
   peak = 0
   try:
     while proc.poll() is None:
@@ -150,8 +147,8 @@ def run_process(argv: list, timeout_s: float) -> dict:
 
 def python_child(kind: str, spec: dict, timeout_s: float = 3600) -> dict:
   """Runs `CHILDREN[kind](spec)` in a fresh Python; returns its JSON."""
-  run = run_process([sys.executable, os.path.abspath(__file__), "--child",
-                     kind, json.dumps(spec)], timeout_s)
+  run = run_process([sys.executable, "-m", "benchmarks.paper_tables",
+                     "--child", kind, json.dumps(spec)], timeout_s)
   lines = [l for l in run["stdout"].splitlines() if l.startswith("{")]
   return json.loads(lines[-1])
 
@@ -206,140 +203,6 @@ def train_run(name: str, config: dict, root: str) -> dict:
   return result
 
 
-def load_text_run(run_dir: str) -> tuple:
-  """A trained text run's model, data and held-out files.
-
-  Args:
-    run_dir: an output directory of `st_keras.train` (model.keras and
-      config.json).
-
-  Returns:
-    (the SparseTransformer, its {'train', 'valid'} bytes as 1-D uint8
-    arrays, the offsets at which the held-out files begin in 'valid', the
-    separator byte before each file or None: its data.separator).
-  """
-  import keras
-  from st_keras import config as config_lib
-  from st_keras import models  # noqa: F401  (registers the classes)
-  from st_keras.data import kinds
-  model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
-  with open(os.path.join(run_dir, "config.json")) as f:
-    data_config = config_lib.from_dict(json.load(f)).data
-  splits = kinds.load(data_config)
-  return (model, splits,
-          kinds.held_out_file_starts(data_config, splits["valid"]),
-          data_config.separator)
-
-
-def segment_ends(size: int, window: int, segments: int,
-                 starts=None):
-  """Ends (exclusive) of evenly spread held-out segments.
-
-  Args:
-    size: held-out bytes.
-    window: bytes a segment reads before its end (the longest context + 1).
-    segments: how many ends.
-    starts: None, or where each held-out file begins: then only ends whose
-      whole window [end - window, end) lies inside one file.
-
-  Returns:
-    int64 [segments], ascending.
-
-  Raises:
-    ValueError: fewer possible ends than segments.
-  """
-  import numpy as np
-  bounds = np.append(np.zeros([1], np.int64) if starts is None else
-                     np.asarray(starts, np.int64), size)
-  first, last = bounds[:-1] + window, bounds[1:]  # ends e in [first, last]
-  keep = last >= first
-  first, counts = first[keep], (last - first + 1)[keep]
-  if counts.sum() < segments:
-    where = "within one held-out file" if starts is not None else ""
-    raise ValueError(f"{counts.sum()} segment ends of {window} bytes "
-                     f"{where}, fewer than segments={segments}")
-  rank = np.linspace(0, counts.sum() - 1, segments).astype(np.int64)
-  before = np.cumsum(counts) - counts  # ends in the files before each
-  part = np.searchsorted(before, rank, side="right") - 1
-  return first[part] + rank - before[part]
-
-
-def context_sweep(model, valid, contexts: list, scored: int, segments: int,
-                  batch: int, starts=None, full_windows: bool = False,
-                  separator: int | None = None) -> dict:
-  """Bits per byte of the last positions of windows of growing context.
-
-  For segment end e (exclusive) and context c, the model reads bytes
-  [e-c-1, e-1) and is scored on its predictions of bytes [e-k, e), k =
-  scored: the same bytes for every c.
-
-  Args:
-    model: a trained SparseTransformer.
-    valid: held-out bytes, 1-D uint8.
-    contexts: evaluation contexts, each <= model.seq_len and >= scored.
-    scored: k, the scored positions at the end of each window.
-    segments: segment ends, spread evenly over valid.
-    batch: windows per forward pass.
-    starts: None, or where each held-out file begins in valid: then only
-      segments whose longest window lies inside one file, so that all the
-      context a longer window adds is the scored bytes' own file.
-    full_windows: False: the model reads a window of c bytes, so a longer
-      context also moves the scored bytes to later positions. True: it
-      reads windows of n = model.seq_len bytes whose last c are the scored
-      bytes' own context and whose first n - c are the start of another
-      segment's window (the segment half the segments away), like a
-      training window that crosses into a new file. Every c then scores
-      the same bytes at the same positions with as many keys, and only how
-      much of the window is the scored bytes' own text differs.
-    separator: with full_windows, None: the other segment's bytes run
-      straight into the scored bytes' own; a byte (the run's
-      data.separator): it replaces the last byte before them, as where a
-      training window crosses into the next file.
-
-  Returns:
-    {'bits': {str(c): bits per byte}, 'step_se': {str(c): the standard
-    error of bits(c) - bits(the context before c) over the segments, for
-    every c but the first}, 'scored_bytes': segments x k, and with
-    full_windows 'separator': the separator argument}. The errors are
-    paired: both contexts score the same bytes.
-  """
-  import numpy as np
-  import tensorflow as tf
-  k = scored
-  ends = segment_ends(valid.size, model.seq_len + 1, segments, starts)
-  results, step_se, previous = {}, {}, None
-  n = model.seq_len
-  others = np.roll(ends, ends.size // 2)  # whose windows give the prefixes
-  for c in contexts:
-    @tf.function
-    def scored_nats(x, y):
-      logits = model(x)[:, -k:]                    # (batch, k, 256)
-      return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          y[:, -k:], logits), axis=1)              # (batch,)
-    nats = []
-    for start in range(0, ends.size, batch):
-      rows = []  # (batch, window + 1): inputs then the last target
-      for e, o in zip(ends[start:start + batch], others[start:start + batch]):
-        own = valid[e - c - 1:e]                      # c + 1 bytes
-        prefix = valid[o - n - 1:o - c - 1] if full_windows else valid[:0]
-        if prefix.size and separator is not None:
-          prefix = np.append(prefix[:-1], np.uint8(separator))
-        rows.append(np.concatenate([prefix, own]))
-      rows = np.stack(rows).astype(np.int32)
-      nats.append(scored_nats(rows[:, :-1], rows[:, 1:]).numpy())
-    bits = np.concatenate(nats).astype(np.float64) / (k * math.log(2.0))
-    results[str(c)] = float(bits.mean())             # bits: (segments,)
-    if previous is not None:
-      step_se[str(c)] = float(np.std(bits - previous, ddof=1) /
-                              math.sqrt(bits.size))
-    previous = bits
-  result = {"bits": results, "step_se": step_se,
-            "scored_bytes": int(ends.size * k)}
-  if full_windows:
-    result["separator"] = separator
-  return result
-
-
 NGRAM_ORDERS = (1, 2, 3, 4)  # the baselines Table 3 prints
 
 
@@ -351,16 +214,19 @@ def table3_child(spec: dict) -> dict:
   (`context_sweep(full_windows=True)`, the run's separator ending the
   other segment's bytes); 'ngram_bits' holds the run's
   data's byte n-gram baselines, {order: bits per byte}."""
-  model, splits, starts, separator = load_text_run(spec["run"])
-  args = (model, splits["valid"], spec["contexts"], spec["scored"],
+  from st_keras import evaluate  # pylint: disable=import-outside-toplevel
+  from st_keras.data import kinds  # pylint: disable=import-outside-toplevel
+  run = evaluate.load_run(spec["run"])
+  starts = kinds.held_out_file_starts(run.config.data, run.valid)
+  args = (run.model, run.valid, spec["contexts"], spec["scored"],
           spec["segments"], spec["batch"])
-  result = context_sweep(*args)
-  result["within_file"] = context_sweep(*args, starts=starts)
-  result["within_file_full"] = context_sweep(*args, starts=starts,
-                                             full_windows=True,
-                                             separator=separator)
+  result = evaluate.context_sweep(*args)
+  result["within_file"] = evaluate.context_sweep(*args, starts=starts)
+  result["within_file_full"] = evaluate.context_sweep(
+      *args, starts=starts, full_windows=True,
+      separator=run.config.data.separator)
   result["ngram_bits"] = {
-      order: ngram.ngram_bits(splits["train"], splits["valid"], order)
+      order: ngram.ngram_bits(run.splits["train"], run.valid, order)
       for order in NGRAM_ORDERS}
   return result
 
@@ -602,7 +468,7 @@ def table4(s: Settings) -> dict:
   table4_time_s. A column ends when even the smallest model fails, or is
   predicted to.
   """
-  budget = 0.8 * _meminfo_kib("MemTotal") * 1024
+  budget = 0.8 * common.meminfo_kib("MemTotal") * 1024
   ladder = s.table4_ladder
   results = {"budget_gib": budget / GIB, "rows": {}}
   for pattern, power in (("strided", 1.5), ("dense", 2.0)):
@@ -927,7 +793,8 @@ def speed_sentence(runs: dict) -> str:
 def render(meta: dict, sections: dict, plots: dict) -> str:
   """docs/RESULTS.md."""
   lines = ["# The paper's tables in miniature", "",
-           "Produced by `benchmarks/paper_tables.py`; do not edit by hand.", "",
+           "Produced by `python -m benchmarks.paper_tables`; do not edit by "
+           "hand.", "",
            f"- Command: `{meta['command']}` (a table at a time: "
            f"`--tables NAME`)",
            "- Runs, a table at a time:"] + [
@@ -973,7 +840,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
     lines += table2_markdown(
         "Images: scikit-learn digits as 32x32x3 CIFAR-10 records",
         sections["images"], "bits per dim", plots["images"],
-        "Data: tools/digits_to_cifar.py (1,797 handwritten digits, bilinear "
+        "Data: benchmarks/digits_to_cifar.py (1,797 handwritten digits, "
+        "bilinear "
         "8x8 -> 32x32, grey repeated in the three channels; 297 held out). "
         "The paper (CIFAR-10): dense 2.82 / fixed 2.85 / strided 2.80 bits "
         "per dim at 0.54 / 0.47 / 0.38 s per iteration: on images strided "
@@ -1067,7 +935,8 @@ def render(meta: dict, sections: dict, plots: dict) -> str:
                 "context."]
     if not all(is_monotone(bits) for _, bits in sweeps):
       lines += ["", "Where more context costs bits, "
-                "`benchmarks/context_use.py`, given this run and Table 2's "
+                "`python -m benchmarks.context_use`, given this run and "
+                "Table 2's "
                 "text runs, shows whether the models use their context at "
                 "all: its sweeps in windows of c bytes and in full windows "
                 "and the per-position profile of each model, the dense one "
@@ -1200,18 +1069,16 @@ def main(argv=None) -> int:
                                   trained=trained)
     elif table == "images":
       digits = os.path.join(runs_root, "digits-cifar")
-      limit = ["--limit", str(s.image_limit), "--test", "16"] if (
-          s.image_limit) else []
-      run_process([sys.executable, os.path.join(REPO_ROOT, "tools",
-                                                "digits_to_cifar.py"),
-                   "--output", digits] + limit, timeout_s=600)
+      digits_to_cifar.write_dataset(
+          digits, **({"test": 16, "limit": s.image_limit} if s.image_limit
+                     else {}))
       sections["images"] = table2(s, "cifar10", runs_root, path=digits,
                                   stride=96)
     else:
       sections["table4"] = table4(s)
     run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "minutes": (time.monotonic() - start) / 60,
-           "machine": machine_description()}
+           "machine": common.machine_description()}
     if table == "table3" and trained:  # the training run's entry stays
       sections["runs"][table]["rescored"] = run
     else:
@@ -1234,8 +1101,8 @@ def main(argv=None) -> int:
                                   sections["table4"])
   # Markdown links are relative to RESULTS.md.
   plots = {k: os.path.basename(v) for k, v in plots.items()}
-  meta = {"command": "PYTHONPATH=. .venv/bin/python benchmarks/"
-                     "paper_tables.py" + (" --quick" if args.quick else ""),
+  meta = {"command": common.command("paper_tables",
+                                    ["--quick"] if args.quick else []),
           "manifest": manifest,
           "ladder": ", ".join(f"{l} x {w}" for l, w in s.table4_ladder),
           "time_s": s.table4_time_s, "last_s": s.table4_last_s}

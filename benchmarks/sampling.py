@@ -14,14 +14,12 @@ Reports tokens per second of each and their ratio, and writes them to
 BENCHMARKS.md (section `sampling`).
 
 Usage:
-  python benchmarks/sampling.py [--context 4096] [--output BENCHMARKS.md]
+  python -m benchmarks.sampling [--context 4096] [--output BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,10 +27,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.attention import write_section  # pylint: disable=wrong-import-position
-from st_keras import models  # pylint: disable=wrong-import-position
-from st_keras import sample  # pylint: disable=wrong-import-position
+from benchmarks import common
+from st_keras import models
+from st_keras import sample
 
 BEGIN, END = "<!-- sampling:begin -->", "<!-- sampling:end -->"
 
@@ -73,7 +70,7 @@ def full_forward_tokens_per_second(model, context: int,
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--context", type=int, default=4096)
-  parser.add_argument("--output", default="BENCHMARKS.md")
+  parser.add_argument("--output", default=common.BENCHMARKS_MD)
   args = parser.parse_args(argv)
   n = args.context
   fixed = make_model(n, "fixed")
@@ -85,10 +82,10 @@ def main(argv=None) -> int:
   base = rates["full forward, fixed"]
   lines = [
       BEGIN, "## Sampling: cached decoding vs full forward", "",
-      f"Command: `PYTHONPATH=. .venv/bin/python benchmarks/sampling.py "
-      f"--context {n}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},"
-      f" {platform.processor() or platform.machine()}, "
-      f"{os.cpu_count()} cores, batch 1, 4 layers x width 256, 4 heads, "
+      f"Command: `{common.command('sampling', ['--context', str(n)])}`, "
+      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+      f"{common.machine_description()}, batch 1, 4 layers x width 256, "
+      f"4 heads, "
       f"context {n}, float32.", "",
       "| generation | tokens/s | vs full forward |", "|---|---:|---:|"]
   for name, rate in rates.items():
@@ -98,7 +95,7 @@ def main(argv=None) -> int:
             "window for each byte.", END, ""]
   section = "\n".join(lines)
   print(section)
-  write_section(args.output, section, BEGIN, END)
+  common.write_section(args.output, section, BEGIN, END)
   return 0
 
 

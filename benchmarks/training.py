@@ -14,7 +14,7 @@ from VmHWM, reset after the warm-up step):
    step fails (memory) or exceeds the time limit.
 
 Usage:
-  python benchmarks/training.py [--quick] [--output BENCHMARKS.md]
+  python -m benchmarks.training [--quick] [--output BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -23,18 +23,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from benchmarks.attention import GIB, MIB, proc_status_bytes  # noqa: E402
-from benchmarks.attention import release_free_memory  # noqa: E402
-from benchmarks.attention import reset_peak_rss, write_section  # noqa: E402
+from benchmarks import common
+from benchmarks.common import GIB, MIB, proc_status_bytes
 
 SECTION_BEGIN = "<!-- training:begin -->"
 SECTION_END = "<!-- training:end -->"
@@ -88,9 +83,9 @@ def child(spec):
     return time.perf_counter() - start, loss
 
   def fresh_baseline():  # RSS now, with the peak reset to it
-    release_free_memory()
+    common.release_free_memory()
     rss = proc_status_bytes("VmRSS")
-    reset_peak_rss()
+    common.reset_peak_rss()
     return rss
 
   # steps == 0: the single (first) step is the measurement, tracing included.
@@ -128,8 +123,10 @@ def run_child(spec, timeout_s, env=None):
     The child's result dict, or {'status': why it failed}.
   """
   proc = subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      [sys.executable, "-m", "benchmarks.training", "--child",
+       json.dumps(spec)],
+      cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True,
       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
   deadline = time.monotonic() + timeout_s
   status = None
@@ -208,12 +205,10 @@ def fmt(result, key, scale=1.0, digits=0):
 def render(args, throughput, memory, longest, seconds):
   lines = [SECTION_BEGIN, "## Training steps: sparse vs dense attention (CPU)",
            "",
-           f"- Command: `PYTHONPATH=. .venv/bin/python benchmarks/training.py"
-           f"{' --quick' if args.quick else ''}`",
+           f"- Command: `{common.command('training', args.argv)}`",
            f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
            f"wall time {seconds / 60:.1f} min",
-           f"- Machine: {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores",
+           f"- Machine: {common.machine_description()}",
            "- Model: width 128, 2 layers, 4 heads, FF x4, batch 1, AdamW, "
            "float32; one step = forward, backward and update; median of "
            f"{args.steps} steps after a warm-up step (throughput: of "
@@ -277,6 +272,7 @@ def main(argv=None):
   parser.add_argument("--timeout", type=float, default=900,
                       help="seconds per longest-context step")
   args = parser.parse_args(argv)
+  args.argv = sys.argv[1:] if argv is None else list(argv)
   if args.child:
     child(json.loads(args.child))
     return 0
@@ -284,7 +280,7 @@ def main(argv=None):
   args.memory_n = 2048 if args.quick else 16384
   top = 13 if args.quick else args.max_log2_n
   if args.output is None and not args.quick:
-    args.output = os.path.join(REPO_ROOT, "BENCHMARKS.md")
+    args.output = common.BENCHMARKS_MD
   start = time.perf_counter()
   throughput = measure_rounds(("fixed", "dense"), args.throughput_n,
                               args.steps, args.rounds)
@@ -303,7 +299,7 @@ def main(argv=None):
                    time.perf_counter() - start)
   print(section)
   if args.output:
-    write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+    common.write_section(args.output, section, SECTION_BEGIN, SECTION_END)
   return 0
 
 

@@ -7,6 +7,8 @@ Public modules:
   models: the `SparseTransformer` Keras model and its bits-per-byte metric.
   data: tf.data pipelines for bytes of text, images and audio.
   config, train, sample: run configs, the trainer (`st-train`), sampling.
+  evaluate: held-out bits, the context sweep, the position profile
+    (`st-eval`).
 
 `layouts` needs numpy only: where TensorFlow cannot be imported (a GPU
 machine with PyTorch alone, say), `import st_keras` gives the layouts, and

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from st_keras import checkpoints
+from st_keras import cli_types
 from st_keras import config as config_lib
 from st_keras import data as data_lib
 from st_keras import models
@@ -306,14 +307,6 @@ def configure_logging() -> None:
     logging.getLogger(name).propagate = False
 
 
-def _positive_int(text: str) -> int:
-  """argparse type: an int >= 1."""
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-  return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """`st-train --config X.yaml [--override section.key=value ...]`.
 
@@ -328,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--override", action="append", default=[],
                       metavar="SECTION.KEY=VALUE",
                       help="change one config value (repeatable)")
-  parser.add_argument("--stop-after", type=_positive_int, metavar="STEPS",
+  parser.add_argument("--stop-after", type=cli_types.positive_int,
+                      metavar="STEPS",
                       help="checkpoint and stop after this many steps; run "
                       "again to continue")
   parser.add_argument("--allow-config-change", action="store_true",

@@ -2,16 +2,11 @@
 
 import collections
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-
-from benchmarks import ngram  # noqa: E402
+from benchmarks import ngram
 
 
 def reference_bits(train, valid, order, alpha):

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-sys.path.insert(0, REPO)
+from benchmarks import common
+from benchmarks import digits_to_cifar
+from benchmarks import paper_tables
+from st_keras.data import images
 
-import digits_to_cifar  # noqa: E402
-from benchmarks import paper_tables  # noqa: E402
-from st_keras.data import images  # noqa: E402
+REPO = common.REPO_ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -55,18 +54,17 @@ def test_digits_converter_rejects_a_bad_split(tmp_path):
   with pytest.raises(ValueError, match="test must be in 1..9"):
     digits_to_cifar.write_dataset(str(tmp_path), test=10, limit=10)
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tools", "digits_to_cifar.py"),
+      [sys.executable, "-m", "benchmarks.digits_to_cifar",
        "--output", str(tmp_path), "--test", "0"],
-      capture_output=True, text=True)
+      capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 2 and "test must be in" in result.stderr
 
 
 def run_tables(*args, timeout=900):
   """Runs benchmarks/paper_tables.py with `args`; returns the process."""
   return subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "paper_tables.py")]
-      + list(args), capture_output=True, text=True, cwd=REPO,
-      timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO))
+      [sys.executable, "-m", "benchmarks.paper_tables"] + list(args),
+      capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +81,8 @@ def test_quick_tables_write_every_table(quick_tables):
   out, results, markdown = quick_tables
   for heading in ("## Table 2", "### Text: Python standard library",
                   "### Images: scikit-learn digits", "## Table 3",
-                  "## Table 4", "Command: `PYTHONPATH=. .venv/bin/python "
-                  "benchmarks/paper_tables.py --quick`", "Machine: "):
+                  "## Table 4", "Command: `python -m "
+                  "benchmarks.paper_tables --quick`", "Machine: "):
     assert heading in markdown
   for name in ("results_table2_text.png", "results_table2_images.png",
                "results_table3.png", "results_table4.png"):
@@ -92,7 +90,7 @@ def test_quick_tables_write_every_table(quick_tables):
       assert f.read(8) == PNG_MAGIC, name
     assert f"]({name})" in markdown
   # Each table names the machine it ran on.
-  machine = paper_tables.machine_description()
+  machine = common.machine_description()
   for name, run in results["runs"].items():
     assert run["machine"] == machine, name
     assert f"  - {name} {run['date']} " in markdown
@@ -293,88 +291,7 @@ def test_table3_text_says_a_rise_is_positional_only_when_it_is(
   assert ("Change from the context before" in markdown) == (se is not None)
 
 
-def test_segment_ends_spread_evenly_inside_files():
-  rng = np.random.default_rng()
-  sizes = rng.integers(10, 400, 30)
-  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-  size, window = int(sizes.sum()), 120
-  ends = paper_tables.segment_ends(size, window, 40, starts)
-  assert ends.size == 40 and np.all(np.diff(ends) >= 0)
-  # Every window [end - window, end) lies inside one file.
-  file_of = np.searchsorted(starts, np.arange(size), side="right") - 1
-  for e in ends:
-    assert e <= size and file_of[e - window] == file_of[e - 1]
-  # The first and last possible ends are taken.
-  possible = [e for e in range(window, size + 1)
-              if file_of[e - window] == file_of[e - 1]]
-  assert (ends[0], ends[-1]) == (possible[0], possible[-1])
-  # Without files: the whole held-out stream, from the first full window.
-  plain = paper_tables.segment_ends(size, window, 7)
-  assert (plain[0], plain[-1]) == (window, size)
-  with pytest.raises(ValueError, match="within one held-out file"):
-    paper_tables.segment_ends(size, window, len(possible) + 1, starts)
-
-
-class CountingModel:
-  """A stand-in model whose logits at position t are log(1 + the count of
-  each byte among inputs 0..t): every byte of the window moves them."""
-  seq_len = 64
-
-  def __call__(self, x):
-    import tensorflow as tf
-    seen = tf.cumsum(tf.one_hot(x, 256), axis=1)  # (batch, n, 256)
-    return tf.math.log1p(seen)
-
-
-def counting_bits(x, y, k):
-  """Independent float64 reference: the CountingModel's bits per byte on
-  the last k targets y of inputs x."""
-  logits = np.log1p(np.cumsum(np.eye(256)[x], axis=0))   # (n, 256)
-  top = logits.max(axis=1, keepdims=True)
-  log_p = logits - top - np.log(np.exp(logits - top).sum(axis=1,
-                                                          keepdims=True))
-  return -log_p[np.arange(y.size), y][-k:].mean() / math.log(2.0)
-
-
-@pytest.mark.parametrize("full_windows,separator", [
-    (False, None), (True, None), (True, 200)])
-def test_context_sweep_matches_a_float64_reference(full_windows, separator):
-  rng = np.random.default_rng()
-  valid = rng.integers(0, 12, 3000).astype(np.uint8)
-  contexts, k, segments = [16, 32, 48, 64], 16, 23
-  sweep = paper_tables.context_sweep(CountingModel(), valid, contexts, k,
-                                     segments, batch=5,
-                                     full_windows=full_windows,
-                                     separator=separator)
-  ends = paper_tables.segment_ends(valid.size, 65, segments)
-  others = np.roll(ends, segments // 2)
-  per_context = []  # (segments,) bits per byte of each context
-  for c in contexts:
-    bits = []
-    for e, o in zip(ends, others):
-      row = valid[e - c - 1:e]
-      if full_windows:  # another segment's bytes fill the window
-        prefix = valid[o - 65:o - c - 1].copy()
-        if separator is not None and prefix.size:  # and end in it
-          prefix[-1] = separator
-        row = np.concatenate([prefix, row])
-        assert row.size == 65
-      bits.append(counting_bits(row[:-1], row[1:], k))
-    per_context.append(np.array(bits))
-  assert sweep["scored_bytes"] == segments * k
-  assert sweep.get("separator") == separator
-  assert ("separator" in sweep) == full_windows
-  for c, bits in zip(contexts, per_context):
-    assert sweep["bits"][str(c)] == pytest.approx(bits.mean(), rel=1e-5)
-  assert sorted(sweep["step_se"], key=int) == [str(c) for c in contexts[1:]]
-  for c, before, after in zip(contexts[1:], per_context, per_context[1:]):
-    se = np.std(after - before, ddof=1) / math.sqrt(segments)
-    assert se > 0
-    assert sweep["step_se"][str(c)] == pytest.approx(se, rel=1e-3)
-
-
-def test_table4_predicts_steps_from_a_measured_model():
-  rng = np.random.default_rng()
+def test_table4_predicts_steps_from_a_measured_model(rng):
   ref = {"n": 4096, "layers": 4, "width": 128,
          "step_s": float(rng.uniform(1, 10)),
          "peak_mib": float(rng.uniform(100, 1000))}
@@ -496,7 +413,8 @@ def test_quick_tables_redraw_only(quick_tables, tmp_path):
     bits = [sweep["bits"][str(c)] for c in t3["contexts"]]
     monotone &= all(b <= a for a, b in zip(bits, bits[1:]))
   # A curve that is not monotone points to the measurement of why.
-  assert ("`benchmarks/context_use.py`" in markdown) == (not monotone)
+  assert ("`python -m benchmarks.context_use`" in markdown) == (
+      not monotone)
 
 
 def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
@@ -504,14 +422,12 @@ def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
   _, results, _ = quick_tables
   fixed = results["table3"]["run"]["output_dir"]
   dense = os.path.join(os.path.dirname(fixed), "text_dense")
-  script = os.path.join(REPO, "benchmarks", "context_use.py")
+  script = [sys.executable, "-m", "benchmarks.context_use"]
 
   def run(*args):
     return subprocess.run(
-        [sys.executable, script, fixed, dense, "--output",
-         str(tmp_path / "B.md")] + list(args), capture_output=True,
-        text=True, cwd=REPO, timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO))
+        script + [fixed, dense, "--output", str(tmp_path / "B.md")] +
+        list(args), capture_output=True, text=True, cwd=REPO, timeout=600)
 
   result = run("--segments", "16", "--windows", "6", "--band", "128")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -542,7 +458,7 @@ def test_context_use_sweeps_and_profiles_trained_runs(quick_tables,
   bad = run("--band", "100")
   assert bad.returncode == 2
   assert "--band must divide the training context 512" in bad.stderr
-  missing = subprocess.run([sys.executable, script, str(tmp_path)],
+  missing = subprocess.run(script + [str(tmp_path)],
                            capture_output=True, text=True, cwd=REPO)
   assert missing.returncode == 2 and "no model.keras" in missing.stderr
 

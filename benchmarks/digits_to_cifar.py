@@ -10,7 +10,7 @@ cifar-10-batches-bin: one label byte, then the 1,024 red, 1,024 green and
 permutation go to test_batch.bin, the rest to data_batch_1.bin.
 
 Usage:
-  python tools/digits_to_cifar.py --output data/digits-cifar [--test 297]
+  python -m benchmarks.digits_to_cifar --output data/digits-cifar [--test 297]
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Packaging for st_keras.
 
 The op library st_keras/lib/_st_keras_ops.so is built by Bazel (the only builder) through
-tools/build_ops.sh when it is missing, with the TensorFlow of the Python that builds: `pip install .`
-builds in an isolated environment whose requirements (pyproject.toml) include the pinned
-tensorflow-cpu; `pip install --no-build-isolation .` builds with the current environment's.
+tools/build_ops.sh when it is missing, with the TensorFlow of the Python that builds:
+`pip install .` builds in an isolated environment whose requirements (pyproject.toml) include
+the pinned tensorflow-cpu; `pip install --no-build-isolation .` builds with the current
+environment's.
 Set ST_KERAS_REBUILD_OPS=1 to force a rebuild.
 """
 
@@ -11,7 +12,9 @@ import os
 import subprocess
 import sys
 
-from setuptools import Distribution, find_packages, setup
+from setuptools import Distribution
+from setuptools import find_packages
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))

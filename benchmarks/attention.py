@@ -49,7 +49,9 @@ import sys
 import time
 
 from benchmarks import common
-from benchmarks.common import GIB, MIB, proc_status_bytes
+from benchmarks.common import GIB
+from benchmarks.common import MIB
+from benchmarks.common import proc_status_bytes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -612,6 +614,7 @@ def prepare_job(spec):
     the pure-TF path's gathered keys, values and scores.
   """
   import numpy as np
+
   from st_keras import ops
   checks = Checks()
   arrays = random_inputs(VERIFY_N)
@@ -883,7 +886,7 @@ def notes(reps):
       "forward plus gradients w.r.t. q, k, v for a random output gradient "
       "(keras MHA: w.r.t. its input and its projection weights).",
       "- GFLOP/s counts useful work on attended (query, key) pairs: forward "
-      f"4 x pairs x head_dim, forward + backward 10 x pairs x head_dim "
+      "4 x pairs x head_dim, forward + backward 10 x pairs x head_dim "
       "(a strict count of the backward's four matmuls would give 12, 14 with "
       "recomputed scores, so fwd+bwd rates are conservative). Pairs are the "
       "pattern's for st_keras, TF dense and flex, and the dense causal "

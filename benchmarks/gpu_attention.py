@@ -198,15 +198,16 @@ def reading(runs, tune) -> list:
     n, heads = 65536, strided[0]["heads"]
     ratio = (_tiles(layouts.causal(n, 64, 1)) * heads /
              _tiles(layouts.strided(n, 64, 128, heads)))
+    def speedup(peer):
+      return _span([_ms(t, peer, "fwd_bwd_ms") / _ms(t, "ours", "fwd_bwd_ms")
+                    for t in strided])
     out.append(
         f"- The strided pattern is where block sparsity pays: its stride "
         f"part, transposed, is dense causal tiles, so at n = 65536 the "
         f"layout computes 1/{ratio:.0f} of causal attention's tiles, and "
         f"forward+backward beats dense causal SDPA by "
-        f"{_span([_ms(t, 'sdpa_causal', 'fwd_bwd_ms') / _ms(t, 'ours', 'fwd_bwd_ms') for t in strided])}x "
-        f"and FlexAttention (which sees one key in every 128 as a sparse "
-        f"mask) by "
-        f"{_span([_ms(t, 'flex', 'fwd_bwd_ms') / _ms(t, 'ours', 'fwd_bwd_ms') for t in strided])}x.")
+        f"{speedup('sdpa_causal')}x and FlexAttention (which sees one key in "
+        f"every 128 as a sparse mask) by {speedup('flex')}x.")
   fixed = [t for t in all_t if t["pattern"] == "fixed" and t["n"] >= 16384]
   if fixed:
     n, heads = fixed[0]["n"], fixed[0]["heads"]
@@ -272,20 +273,20 @@ def section(runs, tune, previous, date: str, command: str) -> str:
            f"- Machine: one {first['device']}, driver 580; Python "
            f"{first['python']}, PyTorch {first['torch']}, Triton "
            f"{first['triton']} there. Date: {date}.",
-           f"- Our kernels run through the C ABI library "
-           f"(`libst_bsa_gpu.so`, cubins compiled ahead of time here by "
-           f"Triton 3.9 for sm_90a) from PyTorch (`launch.attention`): one "
-           f"autograd function per layout, whose kernels address q, k, v in "
-           f"original order through each component's permutation and merge "
-           f"the components (the forward continues one online softmax, the "
-           f"backward adds). The TensorFlow op runs the same kernels one "
-           f"component at a time in kernel order, with the permutation and "
-           f"the merge in TensorFlow (not timed here: the GPU machine has "
-           f"no TensorFlow). bf16, batch 2, 16 heads, block 64; FlexAttention "
-           f"with `torch.compile(flex_attention, dynamic=False)` and the "
-           f"pattern's token mask (`create_block_mask`, its default 128 "
-           f"blocks); SDPA with `is_causal=True`. Medians of "
-           f"`triton.testing.do_bench`.",
+           "- Our kernels run through the C ABI library "
+           "(`libst_bsa_gpu.so`, cubins compiled ahead of time here by "
+           "Triton 3.9 for sm_90a) from PyTorch (`launch.attention`): one "
+           "autograd function per layout, whose kernels address q, k, v in "
+           "original order through each component's permutation and merge "
+           "the components (the forward continues one online softmax, the "
+           "backward adds). The TensorFlow op runs the same kernels one "
+           "component at a time in kernel order, with the permutation and "
+           "the merge in TensorFlow (not timed here: the GPU machine has "
+           "no TensorFlow). bf16, batch 2, 16 heads, block 64; FlexAttention "
+           "with `torch.compile(flex_attention, dynamic=False)` and the "
+           "pattern's token mask (`create_block_mask`, its default 128 "
+           "blocks); SDPA with `is_causal=True`. Medians of "
+           "`triton.testing.do_bench`.",
            f"- Dense bf16 matmul measured in the same runs (8192^3): "
            f"{rates} TFLOP/s (the figures use the largest; the rate moves "
            f"by 10% between runs, so compare ratios within a run).", "",

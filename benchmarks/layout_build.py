@@ -45,7 +45,8 @@ import time
 import tracemalloc
 
 from benchmarks import common
-from benchmarks.common import MIB, REPO_ROOT
+from benchmarks.common import MIB
+from benchmarks.common import REPO_ROOT
 
 BEGIN, END = "<!-- layout_build:begin -->", "<!-- layout_build:end -->"
 BLOCK, STRIDE, SUMMARY, HEADS = 32, 1024, 32, 8

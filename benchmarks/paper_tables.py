@@ -55,7 +55,10 @@ from benchmarks import common
 from benchmarks import digits_to_cifar
 from benchmarks import ngram
 from benchmarks import training as training_bench
-from benchmarks.common import GIB, MIB, REPO_ROOT, proc_status_bytes
+from benchmarks.common import GIB
+from benchmarks.common import MIB
+from benchmarks.common import REPO_ROOT
+from benchmarks.common import proc_status_bytes
 
 CHILD_ENV = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 POLL_S = 0.5
@@ -243,8 +246,9 @@ def step_time_child(spec: dict) -> dict:
   Returns:
     {'times_s': {pattern: [seconds of its step in each round]}}.
   """
-  import numpy as np
   import keras
+  import numpy as np
+
   from st_keras import config as config_lib
   from st_keras import models
   from st_keras import train as train_lib
@@ -307,6 +311,7 @@ def interleaved_step_times(configs: dict, rounds: int, warmup: int) -> dict:
 def manifest_child(spec: dict) -> dict:
   """The default corpus's train/valid split, written to spec['path']."""
   import hashlib
+
   from st_keras.data import text
   separator = text.DOCUMENT_SEPARATOR
   manifest = text.stdlib_manifest()

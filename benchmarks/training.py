@@ -29,7 +29,9 @@ import sys
 import time
 
 from benchmarks import common
-from benchmarks.common import GIB, MIB, proc_status_bytes
+from benchmarks.common import GIB
+from benchmarks.common import MIB
+from benchmarks.common import proc_status_bytes
 
 SECTION_BEGIN = "<!-- training:begin -->"
 SECTION_END = "<!-- training:end -->"
@@ -53,9 +55,10 @@ def model_kwargs(pattern, n, recompute, width=DEMO["width"],
 def child(spec):
   """Builds the model and times `spec['steps']` training steps after one
   warm-up step; prints a JSON result line."""
-  import numpy as np
   import keras
+  import numpy as np
   import tensorflow as tf
+
   from st_keras import models
   n, batch = spec["n"], spec["batch"]
   size = {key: spec[key] for key in ("width", "num_layers") if key in spec}

@@ -67,8 +67,11 @@ log "bazel: $(command -v bazel)"
 # 4. Op library (Bazel) ------------------------------------------------------------------
 PYTHON_BIN_PATH="$VPY" bash "$ROOT/tools/build_ops.sh"
 
-# 5. The package itself, editable, so st-train / st-sample / st-export exist in .venv ----
-if ! "$VPY" - "$ROOT" <<'PYEOF' 2>/dev/null; then
+# 5. The package itself, editable, so st-train / st-sample / st-eval / st-export exist in .venv
+# (installed again when setup.py, which names them, changes) ------------------------------
+PKG_STAMP="$VENV/.st_keras_setup.sha256"
+PKG_HASH="$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$PKG_STAMP" || "$(cat "$PKG_STAMP")" != "$PKG_HASH" ]] || ! "$VPY" - "$ROOT" <<'PYEOF' 2>/dev/null; then
 import json, sys
 from importlib.metadata import distribution
 url = json.loads(distribution("st_keras").read_text("direct_url.json") or "{}")
@@ -77,6 +80,7 @@ sys.exit(0 if url.get("dir_info", {}).get("editable") and
 PYEOF
   log "installing st_keras into $VENV (editable)"
   "$VPY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
+  echo "$PKG_HASH" > "$PKG_STAMP"
 fi
 
 # 6. Smoke check: the library loads into TensorFlow ----------------------------------------

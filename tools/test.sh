@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Sets everything up (tools/setup.sh), then runs the test suite. Extra args go to pytest.
+# Sets everything up (tools/setup.sh), lints (ruff), then runs the test suite. Extra args go to
+# pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash tools/setup.sh
+# Lint first (configuration in pyproject.toml): a finding fails the run.
+echo "[test] .venv/bin/ruff check ."
+.venv/bin/ruff check .
 # Two processes: Triton cannot be imported beside TensorFlow (tests/conftest.py).
 # Exit status 5 (nothing selected, e.g. by -k) is fine for either half alone.
 status=0

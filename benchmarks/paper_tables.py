@@ -21,8 +21,8 @@
 
 Every training run is the real trainer (`python -m st_keras.train`) in its
 own process, with peak memory read from /proc. Children run with
-TF_ENABLE_ONEDNN_OPTS=1 (TensorFlow's oneDNN kernels; a Table 2 step took
-477 instead of 656 ms with them here) for every variant alike.
+TF_ENABLE_ONEDNN_OPTS=1 (TensorFlow's oneDNN kernels, off by default in
+this TensorFlow build) for every variant alike.
 
 A run of some of the tables (--tables) keeps the others' results from the
 output directory's results.json; each table records when it was run.

@@ -38,6 +38,8 @@ def test_fixed_equals_formula(n, bs, l, c, heads, patterns, part, causal):
     (256, 16, 64, 2),
     (384, 32, 100, 1),  # n not a multiple of the stride
     (96, 32, 7, 2),
+    (480, 16, 50, 2),
+    (256, 64, 100, 1),  # chunks shorter than a block
     (128, 128, 16, 1),  # n = one block
     (320, 64, 128, 3),
 ])
@@ -362,3 +364,26 @@ def test_stable_argsort_equals_numpy(bound):
   keys[:40] = keys[40:80]  # ties, kept in order
   order = structure.stable_argsort(keys, bound)
   np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+
+
+@pytest.mark.parametrize("n,bs,l", [(384, 32, 100), (96, 32, 7),
+                                    (256, 64, 100), (512, 16, 3)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_stride_chunks_build_the_tiles_every_tile_evaluation_finds(n, bs, l,
+                                                                   causal):
+  # n not a multiple of l: chunks of two lengths, built by chunk bounds.
+  comp = layouts.strided(n, bs, l, part="stride", causal=causal).components[0]
+  perm = comp.perm[0]
+  chunk = perm % l
+
+  def pred(p, q):
+    same = chunk[p] == chunk[q]
+    return same & (q <= p) if causal else same
+  generic = tiling.head_blocks(n, bs, pred, causal, None, None)
+  np.testing.assert_array_equal(np.repeat(np.arange(n // bs),
+                                          np.diff(comp.row_ptr)), generic.qb)
+  np.testing.assert_array_equal(comp.col_idx, generic.kb)
+  want = np.ones((generic.qb.shape[0], bs, bs), np.bool_)
+  partial = generic.mask_idx >= 0
+  want[partial] = np.stack(generic.masks)[generic.mask_idx[partial]]
+  np.testing.assert_array_equal(_tile_masks(comp, bs), want)

@@ -8,6 +8,7 @@ import numpy as np
 from .structure import Component
 from .structure import Layout
 from .structure import Tiles
+from .tiling import TileClassifier
 from .tiling import assemble
 from .tiling import check_common
 from .tiling import from_predicates
@@ -175,11 +176,50 @@ def _stride_component(seq_len, block_size, stride, causal,
     return same & (q != p) if strict else same
 
   if seq_len % stride == 0:
-    period, reach = seq_len // stride, reach_blocks(seq_len // stride, block_size)
-  else:  # chunks of two lengths: no common period, evaluate every tile
-    period, reach = None, None
-  return from_predicates(seq_len, block_size, [pred], causal, period, reach,
-                          perm=perm[None])
+    period = seq_len // stride
+    return from_predicates(seq_len, block_size, [pred], causal, period,
+                           reach_blocks(period, block_size), perm=perm[None])
+  # Chunks of two lengths: no common period.
+  tiles = _chunk_tiles(seq_len, block_size, chunk, pred, causal)
+  return assemble(seq_len, block_size, [tiles], perm[None])
+
+
+def _chunk_tiles(seq_len, block_size, chunk, pred, causal) -> Tiles:
+  """The tiles of attention within contiguous chunks of tokens.
+
+  `pred(p, q)` must hold only where chunk[p] == chunk[q], and for every such
+  pair off the diagonal tile (and, causal, below it). A query block's
+  candidates are then the key blocks from its first token's chunk start to
+  its last token's chunk end (causal: to itself); a candidate inside one
+  chunk off the diagonal is full, and only the others (chunk boundaries,
+  the diagonal) are evaluated token by token.
+
+  Args:
+    seq_len: n.
+    block_size: tile width.
+    chunk: int [n], the chunk of each kernel position, nondecreasing.
+    pred: the token predicate in kernel coordinates.
+    causal: only key blocks <= the query block.
+
+  Returns:
+    `Tiles`, sorted by (qb, kb).
+  """
+  bs = block_size
+  nb = seq_len // bs
+  starts = np.searchsorted(chunk, chunk, side="left")  # (n,) chunk start
+  ends = np.searchsorted(chunk, chunk, side="right")  # (n,) chunk end
+  first, last = chunk[::bs], chunk[bs - 1::bs]  # (nb,) chunks of block ends
+  rows = np.arange(nb, dtype=np.int64)
+  lo = starts[::bs] // bs  # first candidate key block per query block
+  hi = rows + 1 if causal else (ends[bs - 1::bs] - 1) // bs + 1
+  qb, kb = ranges(lo, hi)  # sorted by (qb, kb)
+  full = ((first[qb] == last[qb]) & (first[kb] == last[kb]) &
+          (first[qb] == first[kb]) & (qb != kb))
+  status = np.full(qb.shape[0], -1, np.int64)
+  classify = TileClassifier(bs, pred)
+  status[~full] = classify(qb[~full], kb[~full])
+  keep = status > -2
+  return Tiles(qb[keep], kb[keep], status[keep], classify.masks)
 
 
 def strided(seq_len: int, block_size: int = 32, stride: int = 128,

@@ -35,7 +35,7 @@ def check_common(seq_len: int, block_size: int, num_heads: int) -> None:
     raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
 
 
-class _TileClassifier:
+class TileClassifier:
   """Evaluates a token predicate on whole tiles and numbers their masks.
 
   Args:
@@ -105,7 +105,7 @@ def head_blocks(seq_len: int, block_size: int, pred: TokenPredicate,
     `Tiles` of the non-empty tiles, sorted by (qb, kb).
   """
   nb = seq_len // block_size
-  classify = _TileClassifier(block_size, pred)
+  classify = TileClassifier(block_size, pred)
   if period is not None:
     qb, kb, status = _periodic_blocks(nb, block_size, classify, causal,
                                       period, reach)
@@ -140,14 +140,14 @@ def _periodic_blocks(nb, block_size, classify, causal, period, reach):
   Args:
     nb: blocks.
     block_size: tile width.
-    classify: a `_TileClassifier` of the predicate.
+    classify: a `TileClassifier` of the predicate.
     causal: only tiles with kb <= qb are candidates.
     period: P.
     reach: the band's half width in blocks (at least 1).
 
   Returns:
     (qb, kb, status), int32 [t], sorted by (qb, kb); status as
-    `_TileClassifier` gives it (-1 or a mask index).
+    `TileClassifier` gives it (-1 or a mask index).
   """
   bp = period // np.gcd(period, block_size)
   rows = np.arange(nb, dtype=np.int64)
@@ -209,7 +209,7 @@ def _band_blocks(nb, bp, classify, causal, reach):
   Args:
     nb: blocks.
     bp: blocks per phase period.
-    classify: a `_TileClassifier` of the predicate.
+    classify: a `TileClassifier` of the predicate.
     causal: only tiles with kb <= qb are candidates.
     reach: the band's half width in blocks (at least 1).
 

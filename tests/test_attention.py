@@ -516,6 +516,11 @@ def test_layout_tables_are_cached_beside_the_layout_not_in_it(rng):
   assert tables_lib.op_tables(lay, 0) is tables_lib.op_tables(lay, 0)
   assert lay in tables_lib._CACHE  # pylint: disable=protected-access
   count = len(tables_lib._CACHE)  # pylint: disable=protected-access
-  del lay
+  # The pure-TF path builds no tables of the fused op (no column sort).
+  other = layouts.strided(64, 16, 8, num_heads=2)
+  ops.block_sparse_attention(q, q, q, other, implementation="pure_tf")
+  assert ("op", 0) not in tables_lib._CACHE[other]  # pylint: disable=protected-access
+  assert ("perm", 1) in tables_lib._CACHE[other]  # pylint: disable=protected-access
+  del lay, other
   gc.collect()
   assert len(tables_lib._CACHE) == count - 1  # pylint: disable=protected-access

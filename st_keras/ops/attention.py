@@ -155,22 +155,22 @@ def block_sparse_attention(q, k, v, layout: layouts_lib.Layout,
   impl = resolve_implementation(implementation)
   outs, lses, stats = [], [], []
   for index, comp in enumerate(layout.components):
-    tables = tables_lib.op_tables(layout, index)
+    order = tables_lib.perm_tables(layout, index)
     qc, kc, vc = q, k, v
     if comp.perm is not None:
-      perm = tables["key_positions"]
-      qc, kc, vc = (_permute(x, perm, tables["shared_perm"],
+      qc, kc, vc = (_permute(x, order["key_positions"], order["shared_perm"],
                              layout.num_heads) for x in (q, k, v))
     if impl == "custom_op":
       kl = (tf.zeros([0], tf.int32) if key_lengths is None else key_lengths)
-      parts = custom_op.component(qc, kc, vc, tables, scale, kl)
+      parts = custom_op.component(qc, kc, vc,
+                                  tables_lib.op_tables(layout, index), scale,
+                                  kl)
     else:
       parts = pure_tf.component(qc, kc, vc, layout, index, scale,
                                 key_lengths)
     if comp.perm is not None:
-      inverse = tables["inverse_perm"]
-      parts = [_permute(x, inverse, tables["shared_perm"], layout.num_heads)
-               for x in parts]
+      parts = [_permute(x, order["inverse_perm"], order["shared_perm"],
+                        layout.num_heads) for x in parts]
     for results, x in zip((outs, lses, stats), parts):
       results.append(x)
   if len(outs) == 1:

@@ -26,25 +26,23 @@ def _cached(layout: layouts_lib.Layout, key: tuple, build):
   return entries[key]
 
 
-def op_tables(layout: layouts_lib.Layout, index: int) -> dict:
-  """The op's inputs for one component: its T-head tables, unexpanded.
+def perm_tables(layout: layouts_lib.Layout, index: int) -> dict:
+  """One component's token order, for both implementations.
 
   Args:
     layout: a `layouts.Layout`.
     index: the component.
 
   Returns:
-    {name: tf.Tensor}: the row-major and column-major tile tables, the
-    permutation (key_positions; [0, 0] for none) and its inverse, and
-    `shared_perm` (every table head has the same order).
+    {'key_positions': int32 [T, n] tensor (the permutation; [0, 0] for
+    none), 'inverse_perm': its inverse or None, 'shared_perm': whether every
+    table head has the same order (one gather for all heads)}.
   """
-  return _cached(layout, ("op", index),
-                 lambda: _build_op_tables(layout.components[index],
-                                          layout.num_blocks))
+  return _cached(layout, ("perm", index),
+                 lambda: _build_perm_tables(layout.components[index]))
 
 
-def _build_op_tables(comp: layouts_lib.Component, num_blocks: int) -> dict:
-  col_ptr, row_idx, col_mask_idx = comp.column_tables(num_blocks)
+def _build_perm_tables(comp: layouts_lib.Component) -> dict:
   perm = comp.perm
   with tf.init_scope():
     return {
@@ -52,8 +50,32 @@ def _build_op_tables(comp: layouts_lib.Component, num_blocks: int) -> dict:
             np.zeros((0, 0), np.int32) if perm is None else perm),
         "inverse_perm": None if perm is None else tf.constant(
             np.argsort(perm, axis=1).astype(np.int32)),
-        # Whether every head has the same order (one gather for all).
         "shared_perm": perm is None or bool((perm == perm[:1]).all()),
+    }
+
+
+def op_tables(layout: layouts_lib.Layout, index: int) -> dict:
+  """The fused op's inputs for one component: its T-head tables, unexpanded
+  (built only when the op runs: the column-major copy costs a sort).
+
+  Args:
+    layout: a `layouts.Layout`.
+    index: the component.
+
+  Returns:
+    {name: tf.Tensor}: `key_positions` (from `perm_tables`) and the
+    row-major and column-major tile tables.
+  """
+  return _cached(layout, ("op", index),
+                 lambda: _build_op_tables(layout, index))
+
+
+def _build_op_tables(layout: layouts_lib.Layout, index: int) -> dict:
+  comp = layout.components[index]
+  col_ptr, row_idx, col_mask_idx = comp.column_tables(layout.num_blocks)
+  with tf.init_scope():
+    return {
+        "key_positions": perm_tables(layout, index)["key_positions"],
         "row_ptr": tf.constant(comp.row_ptr),
         "col_idx": tf.constant(comp.col_idx),
         "mask_idx": tf.constant(comp.mask_idx),

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from st_keras import run_dir
 from st_keras.data import kinds
 
 
@@ -241,7 +242,7 @@ def generate(model, prompt: np.ndarray, length: int,
 def _run_kind(model_path: str) -> str:
   """The data kind of the run that wrote `model_path` (its config.json)."""
   config = os.path.join(os.path.dirname(os.path.abspath(model_path)),
-                        "config.json")
+                        run_dir.CONFIG_FILE)
   if not os.path.exists(config):
     return "text"
   with open(config) as f:

@@ -260,7 +260,7 @@ class SparseSelfAttention(keras.layers.Layer):
     causal = self.causal if use_causal_mask is None else bool(
         use_causal_mask)
     lengths = padding.key_lengths_of(key_lengths, attention_mask,
-                           (mask, query_mask, value_mask, key_mask))
+                                     (mask, query_mask, value_mask, key_mask))
     length = padding.layout_length(query.shape[1], self.block_size,
                                     self.max_length)
     with tf.control_dependencies(checks):

@@ -162,6 +162,36 @@ else:
 
 
 @triton.jit
+def _program_head(n, num_heads, table_heads):
+  """(b, table head, first row of (b, h) in [B * H * n]) of this program.
+
+  Grid axis 1 is bh = b * num_heads + h; head h reads table head
+  h % table_heads. The first row is int64: offsets past one head may pass
+  2^31.
+  """
+  bh = tl.program_id(1)
+  return bh // num_heads, bh % num_heads % table_heads, bh.to(tl.int64) * n
+
+
+@triton.jit
+def _backward_inputs(Q, K, V, DOut, Stats, Delta, n, num_heads, table_heads,
+                     HEAD_DIM: tl.constexpr):
+  """`_program_head`, then the backward kernels' inputs at that (b, h)."""
+  b, th, head = _program_head(n, num_heads, table_heads)
+  return (b, th, head, Q + head * HEAD_DIM, K + head * HEAD_DIM,
+          V + head * HEAD_DIM, DOut + head * HEAD_DIM, Stats + 2 * head,
+          Delta + head)
+
+
+@triton.jit
+def _tile_range(Ptr, t, block, n, BLOCK: tl.constexpr):
+  """[start, end): the entries of `block` (a query block of row_ptr or a
+  key block of col_ptr) in table head t, as the module doc lays them out."""
+  entry = Ptr + t * (n // BLOCK) + block
+  return tl.load(entry), tl.load(entry + 1)
+
+
+@triton.jit
 def _block_rows(KeyPositions, t, block, n, has_key_lengths, has_key_positions,
                 original_order, BLOCK: tl.constexpr):
   """Original positions and memory rows of one block of kernel positions.
@@ -242,12 +272,8 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
   component's result over the same rows), merging the two components.
   """
   r = tl.num_programs(0) - 1 - tl.program_id(0)
-  bh = tl.program_id(1)
-  b = bh // num_heads
-  th = bh % num_heads % table_heads  # table head
-  nb = n // BLOCK
+  b, th, head = _program_head(n, num_heads, table_heads)
   offs_m = tl.arange(0, BLOCK)
-  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
   Q += head * HEAD_DIM
   K += head * HEAD_DIM
   V += head * HEAD_DIM
@@ -268,8 +294,7 @@ def bsa_forward(Q, K, V, Out, Lse, Stats,
     l_i = tl.exp(tl.load(Stats + 2 * rows + 1))
     acc = tl.load(Out + _row_offsets(rows, HEAD_DIM)).to(
         tl.float32) * l_i[:, None]
-  start = tl.load(RowPtr + th * nb + r)
-  end = tl.load(RowPtr + th * nb + r + 1)
+  start, end = _tile_range(RowPtr, th, r, n, BLOCK)
   for t in range(start, end):
     key_block = tl.load(ColIdx + t)
     positions, keys = _block_rows(KeyPositions, th, key_block, n,
@@ -330,19 +355,10 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
   query], so that dV += P^T dO and dK += dS^T Q need no transpose of P or dS.
   """
   c = tl.program_id(0)
-  bh = tl.program_id(1)
-  b = bh // num_heads
-  th = bh % num_heads % table_heads  # table head
-  nb = n // BLOCK
-  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
-  Q += head * HEAD_DIM
-  K += head * HEAD_DIM
-  V += head * HEAD_DIM
-  DOut += head * HEAD_DIM
+  b, th, head, Q, K, V, DOut, Stats, Delta = _backward_inputs(
+      Q, K, V, DOut, Stats, Delta, n, num_heads, table_heads, HEAD_DIM)
   DK += head * HEAD_DIM
   DV += head * HEAD_DIM
-  Stats += 2 * head
-  Delta += head
   positions, keys = _block_rows(KeyPositions, th, c, n, has_key_lengths,
                                 has_key_positions, original_order,
                                 BLOCK)  # (BLOCK,) key rows
@@ -353,8 +369,7 @@ def bsa_backward_dkdv(Q, K, V, DOut, Stats, Delta, DK, DV,
 
   dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
   dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-  start = tl.load(ColPtr + th * nb + c)
-  end = tl.load(ColPtr + th * nb + c + 1)
+  start, end = _tile_range(ColPtr, th, c, n, BLOCK)
   for t in range(start, end):
     _, rows = _block_rows(KeyPositions, th, tl.load(RowIdx + t), n,
                           has_key_lengths, has_key_positions, original_order,
@@ -397,18 +412,9 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   or adds to them with `accumulate`.
   """
   r = tl.num_programs(0) - 1 - tl.program_id(0)
-  bh = tl.program_id(1)
-  b = bh // num_heads
-  th = bh % num_heads % table_heads  # table head
-  nb = n // BLOCK
-  head = bh.to(tl.int64) * n  # first row of (b, h) in [B * H * n]
-  Q += head * HEAD_DIM
-  K += head * HEAD_DIM
-  V += head * HEAD_DIM
-  DOut += head * HEAD_DIM
+  b, th, head, Q, K, V, DOut, Stats, Delta = _backward_inputs(
+      Q, K, V, DOut, Stats, Delta, n, num_heads, table_heads, HEAD_DIM)
   DQ += head * HEAD_DIM
-  Stats += 2 * head
-  Delta += head
   _, rows = _block_rows(KeyPositions, th, r, n, has_key_lengths,
                         has_key_positions, original_order,
                         BLOCK)  # (BLOCK,) query rows
@@ -421,8 +427,7 @@ def bsa_backward_dq(Q, K, V, DOut, Stats, Delta, DQ,
   key_length = _key_length(KeyLengths, b, n, has_key_lengths)
 
   dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-  start = tl.load(RowPtr + th * nb + r)
-  end = tl.load(RowPtr + th * nb + r + 1)
+  start, end = _tile_range(RowPtr, th, r, n, BLOCK)
   for t in range(start, end):
     positions, keys = _block_rows(KeyPositions, th, tl.load(ColIdx + t), n,
                                   has_key_lengths, has_key_positions,

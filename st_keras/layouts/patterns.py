@@ -19,6 +19,13 @@ _FIXED_PARTS = ("local", "summary", "both")
 _STRIDED_PARTS = ("local", "stride", "both")
 
 
+def _check_pattern(seq_len, block_size, num_heads, part, parts) -> None:
+  """`check_common`, and `part` one of `parts`: clear errors naming each."""
+  check_common(seq_len, block_size, num_heads)
+  if part not in parts:
+    raise ValueError(f"part must be one of {parts}, got {part!r}")
+
+
 def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
           summary: int = 32, num_heads: int = 1, num_summary_patterns: int = 1,
           part: str = "both", causal: bool = True) -> Layout:
@@ -46,9 +53,7 @@ def fixed(seq_len: int, block_size: int = 32, stride: int = 128,
   Returns:
     A `Layout`.
   """
-  check_common(seq_len, block_size, num_heads)
-  if part not in _FIXED_PARTS:
-    raise ValueError(f"part must be one of {_FIXED_PARTS}, got {part!r}")
+  _check_pattern(seq_len, block_size, num_heads, part, _FIXED_PARTS)
   if stride <= 0 or summary <= 0 or summary > stride:
     raise ValueError(f"need 0 < summary <= stride, got summary={summary}, "
                      f"stride={stride}")
@@ -244,9 +249,7 @@ def strided(seq_len: int, block_size: int = 32, stride: int = 128,
   Returns:
     A `Layout`.
   """
-  check_common(seq_len, block_size, num_heads)
-  if part not in _STRIDED_PARTS:
-    raise ValueError(f"part must be one of {_STRIDED_PARTS}, got {part!r}")
+  _check_pattern(seq_len, block_size, num_heads, part, _STRIDED_PARTS)
   if stride <= 0:
     raise ValueError(f"stride must be positive, got {stride}")
   comps = []

@@ -22,10 +22,10 @@ int Report(const std::string& message, char* error, size_t error_size) {
   return 1;
 }
 
-// The launcher's shape and tables of `p`, or an error message.
-std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
-                    ::st_keras::LayoutTables* t, gpu::ComponentIo* io,
-                    gpu::DType* dtype) {
+// The launcher's problem of `p` into `out`, or an error message.
+std::string Convert(const st_bsa_gpu_problem* problem, gpu::Problem* out) {
+  if (problem == nullptr) return "problem is null";
+  const st_bsa_gpu_problem& p = *problem;
   if (p.batch < 1 || p.heads < 1 || p.seq_len < 1 || p.head_dim < 1) {
     return "batch, heads, seq_len and head_dim must be positive";
   }
@@ -46,28 +46,15 @@ std::string Convert(const st_bsa_gpu_problem& p, ::st_keras::AttentionShape* s,
   if (!(p.scale > 0.0f) || !std::isfinite(p.scale)) {
     return "scale must be positive and finite";
   }
-  s->batch = p.batch;
-  s->heads = p.heads;
-  s->seq_len = p.seq_len;
-  s->head_dim = p.head_dim;
-  s->scale = p.scale;
-  s->key_lengths = p.key_lengths;
-  s->key_positions = p.key_positions;
-  t->num_heads = static_cast<int>(p.heads);
-  t->table_heads = static_cast<int>(p.table_heads);
-  t->num_blocks = static_cast<int>(p.seq_len / p.block_size);
-  t->block_size = p.block_size;
-  t->num_masks = p.num_masks;
-  t->row_ptr = p.row_ptr;
-  t->col_idx = p.col_idx;
-  t->mask_idx = p.mask_idx;
-  t->masks = p.masks;
-  t->col_ptr = p.col_ptr;
-  t->row_idx = p.row_idx;
-  t->col_mask_idx = p.col_mask_idx;
-  io->original_order = p.original_order != 0;
-  io->accumulate = p.accumulate != 0;
-  *dtype = static_cast<gpu::DType>(p.dtype);
+  // In the order AttentionShape and LayoutTables declare their fields.
+  out->shape = {p.batch, p.heads, p.seq_len, p.head_dim, p.scale,
+                p.key_lengths, p.key_positions};
+  out->layout = {static_cast<int>(p.heads), static_cast<int>(p.table_heads),
+                 static_cast<int>(p.seq_len / p.block_size), p.block_size,
+                 p.num_masks, p.row_ptr, p.col_idx, p.mask_idx, p.masks,
+                 p.col_ptr, p.row_idx, p.col_mask_idx};
+  out->io = {p.original_order != 0, p.accumulate != 0};
+  out->dtype = static_cast<gpu::DType>(p.dtype);
   return "";
 }
 
@@ -78,19 +65,10 @@ extern "C" int st_bsa_gpu_forward(const st_bsa_gpu_problem* problem,
                                   void* out, float* lse, float* stats,
                                   void* stream, char* error,
                                   size_t error_size) {
-  gpu::ForwardArgs args;
-  std::string message = problem == nullptr
-                            ? "problem is null"
-                            : Convert(*problem, &args.shape, &args.layout,
-                                      &args.io, &args.dtype);
+  gpu::Problem p;
+  std::string message = Convert(problem, &p);
   if (message.empty()) {
-    args.q = q;
-    args.k = k;
-    args.v = v;
-    args.out = out;
-    args.lse = lse;
-    args.stats = stats;
-    message = gpu::Forward(args, stream);
+    message = gpu::Forward({p, q, k, v, out, lse, stats}, stream);
   }
   return Report(message, error, error_size);
 }
@@ -102,11 +80,8 @@ extern "C" int st_bsa_gpu_backward(const st_bsa_gpu_problem* problem,
                                    float* delta, void* dq, void* dk, void* dv,
                                    void* stream, char* error,
                                    size_t error_size) {
-  gpu::BackwardArgs args;
-  std::string message = problem == nullptr
-                            ? "problem is null"
-                            : Convert(*problem, &args.shape, &args.layout,
-                                      &args.io, &args.dtype);
+  gpu::Problem p;
+  std::string message = Convert(problem, &p);
   if (message.empty() && (problem->col_ptr == nullptr ||
                           problem->row_idx == nullptr ||
                           problem->col_mask_idx == nullptr)) {
@@ -114,18 +89,8 @@ extern "C" int st_bsa_gpu_backward(const st_bsa_gpu_problem* problem,
               "row_idx, col_mask_idx)";
   }
   if (message.empty()) {
-    args.q = q;
-    args.k = k;
-    args.v = v;
-    args.out = out;
-    args.stats = stats;
-    args.dout = dout;
-    args.dlse = dlse;
-    args.delta = delta;
-    args.dq = dq;
-    args.dk = dk;
-    args.dv = dv;
-    message = gpu::Backward(args, stream);
+    message = gpu::Backward(
+        {p, q, k, v, out, stats, dout, dlse, delta, dq, dk, dv}, stream);
   }
   return Report(message, error, error_size);
 }

@@ -265,14 +265,6 @@ constexpr int64_t kMinBlockSize = 16;
 constexpr int64_t kMaxGroupBlocks = kGroupRows / kMinBlockSize;
 constexpr int64_t kMaxMergeBlocks = kMergeColumns / kMinBlockSize;
 
-// Blocks per query group and key blocks per step for block size bs.
-int64_t GroupBlocks(int64_t bs) {
-  return std::clamp<int64_t>(kGroupRows / bs, 1, kMaxGroupBlocks);
-}
-int64_t MergeBlocks(int64_t bs) {
-  return std::clamp<int64_t>(kMergeColumns / bs, 1, kMaxMergeBlocks);
-}
-
 // Walks the tiles of up to kMaxGroupBlocks consecutive query blocks of one
 // head together, in key-block order, one step of up to `max_merge` (at most
 // kMaxMergeBlocks) key blocks at a time. In a step every key block is
@@ -543,36 +535,56 @@ void RowDeltas(const float* dout, const float* out, const float* dlse,
   });
 }
 
-int64_t ForwardWorkspaceFloats(const AttentionShape& shape,
-                               const LayoutTables& layout) {
-  const int64_t bs = layout.block_size, d = shape.head_dim;
-  const int64_t rows = GroupBlocks(bs) * bs, width = MergeBlocks(bs) * bs;
-  // s, v_buf, acc, poison, m, l.
-  return rows * width + width * d + 2 * rows * d + 2 * rows;
-}
+// One pass over the layout's tiles for a shape: per (batch, head), groups
+// of G query blocks whose tiles are walked M key blocks at a time. The two
+// passes are its methods, so that they read these sizes by name.
+class Pass {
+ public:
+  Pass(const AttentionShape& shape, const LayoutTables& layout)
+      : shape(shape),
+        lay(layout),
+        H(shape.heads),
+        n(shape.seq_len),
+        d(shape.head_dim),
+        bs(layout.block_size),
+        nb(layout.num_blocks),
+        G(std::clamp<int64_t>(kGroupRows / bs, 1, kMaxGroupBlocks)),
+        M(std::clamp<int64_t>(kMergeColumns / bs, 1, kMaxMergeBlocks)),
+        groups((nb + G - 1) / G) {}
 
-int64_t BackwardWorkspaceFloats(const AttentionShape& shape,
-                                const LayoutTables& layout) {
-  const int64_t bs = layout.block_size, d = shape.head_dim;
-  const int64_t rows = GroupBlocks(bs) * bs, width = MergeBlocks(bs) * bs;
-  // p, dp, k_buf.
-  return 2 * rows * width + width * d;
-}
+  // Floats of workspace per worker: s, v_buf, acc, poison, m, l.
+  int64_t ForwardWorkspaceFloats() const {
+    const int64_t rows = G * bs, width = M * bs;
+    return rows * width + width * d + 2 * rows * d + 2 * rows;
+  }
+  // Floats of workspace per worker: p, dp, k_buf.
+  int64_t BackwardWorkspaceFloats() const {
+    return 2 * (G * bs) * (M * bs) + (M * bs) * d;
+  }
 
-void BlockSparseAttentionForward(const ForwardArgs& args,
-                                 const ParallelFor& parallel_for) {
-  const AttentionShape& shape = args.shape;
-  const LayoutTables& lay = args.layout;
-  const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
-  const int64_t bs = lay.block_size, nb = lay.num_blocks;
-  const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
-  const int64_t groups = (nb + G - 1) / G;
-  const int64_t T = lay.table_heads;
-  const int64_t nnz = lay.row_ptr[T * nb];  // tiles of T heads
+  void Forward(const ForwardArgs& args, const ParallelFor& parallel_for) const;
+  void Backward(const BackwardArgs& args,
+                const ParallelFor& parallel_for) const;
+
+ private:
+  // Tiles of one table head (all of them: lay.row_ptr[T * nb], over T).
+  int64_t TilesPerTableHead() const {
+    return lay.row_ptr[lay.table_heads * nb] / lay.table_heads;
+  }
+
+  const AttentionShape& shape;
+  const LayoutTables& lay;
+  const int64_t H, n, d;       // heads, tokens, head dim
+  const int64_t bs, nb;        // block size, blocks
+  const int64_t G, M, groups;  // blocks a group, key blocks a step, groups
+};
+
+void Pass::Forward(const ForwardArgs& args,
+                   const ParallelFor& parallel_for) const {
   const int64_t tiles_per_group =
-      std::max<int64_t>(1, nnz / std::max<int64_t>(1, T * groups));
+      std::max<int64_t>(1, TilesPerTableHead() / groups);
   const int64_t cost = tiles_per_group * bs * bs * (4 * d + 20);
-  const int64_t workspace = ForwardWorkspaceFloats(shape, lay);
+  const int64_t workspace = ForwardWorkspaceFloats();
 
   // Unit: (batch, head, group of G query blocks). Each step of the walk is
   // one online-softmax update of the group's active rows.
@@ -641,20 +653,12 @@ void BlockSparseAttentionForward(const ForwardArgs& args,
   });
 }
 
-void BlockSparseAttentionBackward(const BackwardArgs& args,
-                                  const ParallelFor& parallel_for) {
-  const AttentionShape& shape = args.shape;
-  const LayoutTables& lay = args.layout;
-  const int64_t H = shape.heads, n = shape.seq_len, d = shape.head_dim;
-  const int64_t bs = lay.block_size, nb = lay.num_blocks;
-  const int64_t G = GroupBlocks(bs), M = MergeBlocks(bs);
-  const int64_t groups = (nb + G - 1) / G;
-  const int64_t T = lay.table_heads;
-  const int64_t nnz = lay.row_ptr[T * nb];  // tiles of T heads
+void Pass::Backward(const BackwardArgs& args,
+                    const ParallelFor& parallel_for) const {
   const int64_t cost =
-      std::max<int64_t>(1, nnz / T) * bs * bs * (10 * d + 30);
+      std::max<int64_t>(1, TilesPerTableHead()) * bs * bs * (10 * d + 30);
   const float scale = shape.scale;
-  const int64_t workspace = BackwardWorkspaceFloats(shape, lay);
+  const int64_t workspace = BackwardWorkspaceFloats();
 
   // Unit: (batch, head), so that one thread owns the head's dK and dV. The
   // walk is the forward's: per group of G query blocks, whose q, dO and dQ
@@ -750,10 +754,18 @@ const CpuCore kCpuCore = {  // declared extern in the header
     ST_KERAS_NAME(ST_KERAS_CPU_ISA),
     TransposeTiles,
     RowDeltas,
-    ForwardWorkspaceFloats,
-    BackwardWorkspaceFloats,
-    BlockSparseAttentionForward,
-    BlockSparseAttentionBackward,
+    [](const AttentionShape& shape, const LayoutTables& layout) {
+      return Pass(shape, layout).ForwardWorkspaceFloats();
+    },
+    [](const AttentionShape& shape, const LayoutTables& layout) {
+      return Pass(shape, layout).BackwardWorkspaceFloats();
+    },
+    [](const ForwardArgs& args, const ParallelFor& parallel_for) {
+      Pass(args.shape, args.layout).Forward(args, parallel_for);
+    },
+    [](const BackwardArgs& args, const ParallelFor& parallel_for) {
+      Pass(args.shape, args.layout).Backward(args, parallel_for);
+    },
 };
 
 }  // namespace ST_KERAS_CPU_ISA

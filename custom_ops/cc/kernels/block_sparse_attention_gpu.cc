@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -186,25 +187,30 @@ class KernelArgs {
   std::string types_;
 };
 
-// The arguments shared by the three tile kernels after their tensors.
-void AddTableArgs(const AttentionShape& shape, const ComponentIo& io,
-                  int table_heads, const int32_t* ptr, const int32_t* idx,
-                  const int32_t* mask_idx, const uint8_t* masks,
-                  KernelArgs* args) {
-  args->Pointer(ptr).Pointer(idx).Pointer(mask_idx).Pointer(masks)
-      .Pointer(shape.key_lengths).Pointer(shape.key_positions)
-      .Float(shape.scale).Int(shape.seq_len).Int(shape.heads).Int(table_heads)
-      .Int(shape.key_lengths != nullptr).Int(shape.key_positions != nullptr)
-      .Int(io.original_order).Int(io.accumulate).Scratch();
+// A tile kernel's arguments: its tensors, then the table it walks (the
+// column-major one: the dK/dV kernel) and the rest of the problem.
+KernelArgs TileKernelArgs(std::initializer_list<const void*> tensors,
+                          const Problem& p, bool column_major) {
+  KernelArgs args;
+  for (const void* tensor : tensors) args.Pointer(tensor);
+  const LayoutTables& t = p.layout;
+  if (column_major) {
+    args.Pointer(t.col_ptr).Pointer(t.row_idx).Pointer(t.col_mask_idx);
+  } else {
+    args.Pointer(t.row_ptr).Pointer(t.col_idx).Pointer(t.mask_idx);
+  }
+  const AttentionShape& shape = p.shape;
+  args.Pointer(t.masks).Pointer(shape.key_lengths)
+      .Pointer(shape.key_positions).Float(shape.scale).Int(shape.seq_len)
+      .Int(shape.heads).Int(t.table_heads).Int(shape.key_lengths != nullptr)
+      .Int(shape.key_positions != nullptr).Int(p.io.original_order)
+      .Int(p.io.accumulate).Scratch();
+  return args;
 }
 
 KernelArgs ForwardKernelArgs(const ForwardArgs& a) {
-  KernelArgs args;
-  args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.out).Pointer(a.lse)
-      .Pointer(a.stats);
-  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.row_ptr,
-               a.layout.col_idx, a.layout.mask_idx, a.layout.masks, &args);
-  return args;
+  return TileKernelArgs({a.q, a.k, a.v, a.out, a.lse, a.stats}, a,
+                        /*column_major=*/false);
 }
 
 KernelArgs DeltaKernelArgs(const BackwardArgs& a) {
@@ -215,21 +221,14 @@ KernelArgs DeltaKernelArgs(const BackwardArgs& a) {
 }
 
 KernelArgs DkDvKernelArgs(const BackwardArgs& a) {
-  KernelArgs args;
-  args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
-      .Pointer(a.stats).Pointer(a.delta).Pointer(a.dk).Pointer(a.dv);
-  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.col_ptr,
-               a.layout.row_idx, a.layout.col_mask_idx, a.layout.masks, &args);
-  return args;
+  return TileKernelArgs(
+      {a.q, a.k, a.v, a.dout, a.stats, a.delta, a.dk, a.dv}, a,
+      /*column_major=*/true);
 }
 
 KernelArgs DqKernelArgs(const BackwardArgs& a) {
-  KernelArgs args;
-  args.Pointer(a.q).Pointer(a.k).Pointer(a.v).Pointer(a.dout)
-      .Pointer(a.stats).Pointer(a.delta).Pointer(a.dq);
-  AddTableArgs(a.shape, a.io, a.layout.table_heads, a.layout.row_ptr,
-               a.layout.col_idx, a.layout.mask_idx, a.layout.masks, &args);
-  return args;
+  return TileKernelArgs({a.q, a.k, a.v, a.dout, a.stats, a.delta, a.dq}, a,
+                        /*column_major=*/false);
 }
 
 // The parameter types the launcher passes to `kernel`.
@@ -508,7 +507,9 @@ std::string CheckCompiledKernels() {
                               ", head_dim " + std::to_string(c.head_dim) +
                               ", sm_" + std::to_string(c.arch) + ")";
     const std::string expected = LauncherTypes(c.kernel);
-    if (expected.empty()) return where + ": a kernel the launcher does not know";
+    if (expected.empty()) {
+      return where + ": a kernel the launcher does not know";
+    }
     if (expected != c.params) {
       return where + ": the launcher passes (" + expected +
              ") but the kernel takes (" + c.params + ")";

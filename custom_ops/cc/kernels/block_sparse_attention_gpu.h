@@ -36,11 +36,15 @@ struct ComponentIo {
   bool accumulate = false;
 };
 
-struct ForwardArgs {
+// What a pass is given besides its tensors.
+struct Problem {
   AttentionShape shape;
-  LayoutTables layout;  // the row-major table
+  LayoutTables layout;  // forward: the row-major table; backward: both
   ComponentIo io;
   DType dtype = DType::kFloat32;
+};
+
+struct ForwardArgs : Problem {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -49,22 +53,18 @@ struct ForwardArgs {
   float* stats = nullptr;  // (row max m, log l), l = sum exp(s - m)
 };
 
-struct BackwardArgs {
-  AttentionShape shape;
-  LayoutTables layout;  // both tables
-  ComponentIo io;
-  DType dtype = DType::kFloat32;
+struct BackwardArgs : Problem {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   const void* out = nullptr;
-  const void* dout = nullptr;
   const float* stats = nullptr;  // from the forward pass
+  const void* dout = nullptr;
   const float* dlse = nullptr;
   float* delta = nullptr;  // rowsum(dout * out) - dlse, written (or read: io)
-  void* dq = nullptr;            // overwritten (or added to: io)
-  void* dk = nullptr;            // overwritten (or added to: io)
-  void* dv = nullptr;            // overwritten (or added to: io)
+  void* dq = nullptr;      // overwritten (or added to: io)
+  void* dk = nullptr;      // overwritten (or added to: io)
+  void* dv = nullptr;      // overwritten (or added to: io)
 };
 
 // Whether kernels were compiled for this dtype, block size and head_dim

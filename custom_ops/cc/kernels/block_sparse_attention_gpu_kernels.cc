@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -94,68 +95,55 @@ absl::Status CopyTablesToDevice(OpKernelContext* ctx, bool backward,
   return absl::OkStatus();
 }
 
+// The forward pass.
 template <typename T>
-class BlockSparseAttentionGpuOp : public BlockSparseAttentionKernel {
- public:
-  using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
+absl::Status GpuForward(OpKernelContext* ctx, const Inputs& in,
+                        const ForwardOutputs& outputs) {
+  const gpu::ForwardArgs args{{in.shape, in.layout, {}, kDType<T>},
+                              ctx->input(0).data(),
+                              ctx->input(1).data(),
+                              ctx->input(2).data(),
+                              outputs.out->data(),
+                              outputs.lse->flat<float>().data(),
+                              outputs.stats->flat<float>().data()};
+  return Check(gpu::Forward(args, Stream(ctx)));
+}
 
-  void Compute(OpKernelContext* ctx) override {
-    Inputs in;
-    ForwardOutputs outputs;
-    OP_REQUIRES_OK(ctx, StartForward(ctx, &in, &outputs));
-    const Tensor& q = ctx->input(0);
-    if (q.NumElements() == 0) return;
-    Tensor ints, masks;
-    OP_REQUIRES_OK(ctx, CopyTablesToDevice(ctx, /*backward=*/false, &in,
-                                           &ints, &masks));
-    gpu::ForwardArgs args;
-    args.shape = in.shape;
-    args.layout = in.layout;
-    args.dtype = kDType<T>;
-    args.q = q.data();
-    args.k = ctx->input(1).data();
-    args.v = ctx->input(2).data();
-    args.out = outputs.out->data();
-    args.lse = outputs.lse->flat<float>().data();
-    args.stats = outputs.stats->flat<float>().data();
-    OP_REQUIRES_OK(ctx, Check(gpu::Forward(args, Stream(ctx))));
-  }
-};
-
+// The backward pass.
 template <typename T>
-class BlockSparseAttentionGradGpuOp : public BlockSparseAttentionKernel {
- public:
-  using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
+absl::Status GpuBackward(OpKernelContext* ctx, const Inputs& in,
+                         const GradOutputs& outputs) {
+  Tensor delta;  // the launcher's scratch, [B, H, n] as dlse
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_temp(DT_FLOAT, ctx->input(6).shape(), &delta));
+  // Inputs q, k, v, out, stats, dout, dlse.
+  const gpu::BackwardArgs args{{in.shape, in.layout, {}, kDType<T>},
+                               ctx->input(0).data(),
+                               ctx->input(1).data(),
+                               ctx->input(2).data(),
+                               ctx->input(3).data(),
+                               ctx->input(4).flat<float>().data(),
+                               ctx->input(5).data(),
+                               ctx->input(6).flat<float>().data(),
+                               delta.flat<float>().data(),
+                               outputs.dq->data(),
+                               outputs.dk->data(),
+                               outputs.dv->data()};
+  return Check(gpu::Backward(args, Stream(ctx)));
+}
 
-  void Compute(OpKernelContext* ctx) override {
-    Inputs in;
-    GradOutputs outputs;
-    OP_REQUIRES_OK(ctx, StartGrad(ctx, &in, &outputs));
-    const Tensor& q = ctx->input(0);
-    if (q.NumElements() == 0) return;
-    Tensor ints, masks, delta;
-    OP_REQUIRES_OK(ctx, CopyTablesToDevice(ctx, /*backward=*/true, &in,
-                                           &ints, &masks));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, ctx->input(6).shape(),
-                                           &delta));
-    gpu::BackwardArgs args;
-    args.shape = in.shape;
-    args.layout = in.layout;
-    args.dtype = kDType<T>;
-    args.q = q.data();
-    args.k = ctx->input(1).data();
-    args.v = ctx->input(2).data();
-    args.out = ctx->input(3).data();
-    args.stats = ctx->input(4).flat<float>().data();
-    args.dout = ctx->input(5).data();
-    args.dlse = ctx->input(6).flat<float>().data();
-    args.delta = delta.flat<float>().data();
-    args.dq = outputs.dq->data();
-    args.dk = outputs.dk->data();
-    args.dv = outputs.dv->data();
-    OP_REQUIRES_OK(ctx, Check(gpu::Backward(args, Stream(ctx))));
-  }
-};
+// The pass kLaunch (GpuForward or GpuBackward) of a kernel, with the tables
+// of `in` copied to the device.
+template <typename Outputs, absl::Status (*kLaunch)(OpKernelContext*,
+                                                    const Inputs&,
+                                                    const Outputs&)>
+absl::Status WithDeviceTables(OpKernelContext* ctx, Inputs* in,
+                              const Outputs& outputs) {
+  constexpr bool kBackward = std::is_same_v<Outputs, GradOutputs>;
+  Tensor ints, masks;  // the copies; freed once the kernels are enqueued
+  TF_RETURN_IF_ERROR(CopyTablesToDevice(ctx, kBackward, in, &ints, &masks));
+  return kLaunch(ctx, *in, outputs);
+}
 
 // The layout inputs stay in host memory, where they are checked.
 #define ST_KERAS_HOST_LAYOUT_INPUTS                                      \
@@ -169,18 +157,21 @@ class BlockSparseAttentionGradGpuOp : public BlockSparseAttentionKernel {
       .HostMemory("row_idx")                                             \
       .HostMemory("col_mask_idx")
 
-#define REGISTER_GPU(T)                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SparseTransformer>BlockSparseAttention")  \
-                              .Device(DEVICE_GPU)                         \
-                              .TypeConstraint<T>("T")                     \
-                              .ST_KERAS_HOST_LAYOUT_INPUTS,               \
-                          BlockSparseAttentionGpuOp<T>);                  \
-  REGISTER_KERNEL_BUILDER(                                                \
-      Name("SparseTransformer>BlockSparseAttentionGrad")              \
-          .Device(DEVICE_GPU)                                             \
-          .TypeConstraint<T>("T")                                         \
-          .ST_KERAS_HOST_LAYOUT_INPUTS,                                   \
-      BlockSparseAttentionGradGpuOp<T>);
+#define REGISTER_GPU(T)                                                      \
+  REGISTER_KERNEL_BUILDER(                                                   \
+      Name("SparseTransformer>BlockSparseAttention")                         \
+          .Device(DEVICE_GPU)                                                \
+          .TypeConstraint<T>("T")                                            \
+          .ST_KERAS_HOST_LAYOUT_INPUTS,                                      \
+      BlockSparseAttentionPass<                                              \
+          ForwardOutputs, WithDeviceTables<ForwardOutputs, GpuForward<T>>>); \
+  REGISTER_KERNEL_BUILDER(                                                   \
+      Name("SparseTransformer>BlockSparseAttentionGrad")                     \
+          .Device(DEVICE_GPU)                                                \
+          .TypeConstraint<T>("T")                                            \
+          .ST_KERAS_HOST_LAYOUT_INPUTS,                                      \
+      BlockSparseAttentionPass<                                              \
+          GradOutputs, WithDeviceTables<GradOutputs, GpuBackward<T>>>);
 
 REGISTER_GPU(float);
 REGISTER_GPU(Eigen::half);

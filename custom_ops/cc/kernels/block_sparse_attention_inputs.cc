@@ -203,7 +203,7 @@ BlockSparseAttentionKernel::BlockSparseAttentionKernel(
               InvalidArg("scale must be positive and finite, got ", scale_));
 }
 
-absl::Status BlockSparseAttentionKernel::StartForward(
+absl::Status BlockSparseAttentionKernel::Start(
     OpKernelContext* ctx, Inputs* in, ForwardOutputs* outputs) const {
   TF_RETURN_IF_ERROR(ParseInputs(ctx, kForwardLayoutInput, scale_, in));
   const Tensor& q = ctx->input(0);
@@ -215,7 +215,7 @@ absl::Status BlockSparseAttentionKernel::StartForward(
   return ctx->allocate_output(2, stats_shape, &outputs->stats);
 }
 
-absl::Status BlockSparseAttentionKernel::StartGrad(
+absl::Status BlockSparseAttentionKernel::Start(
     OpKernelContext* ctx, Inputs* in, GradOutputs* outputs) const {
   TF_RETURN_IF_ERROR(ParseGradInputs(ctx, scale_, in));
   const TensorShape& shape = ctx->input(0).shape();

@@ -49,12 +49,33 @@ class BlockSparseAttentionKernel : public OpKernel {
   explicit BlockSparseAttentionKernel(OpKernelConstruction* ctx);
 
  protected:
-  absl::Status StartForward(OpKernelContext* ctx, Inputs* in,
-                            ForwardOutputs* outputs) const;
-  absl::Status StartGrad(OpKernelContext* ctx, Inputs* in,
-                         GradOutputs* outputs) const;
+  // The forward op's start.
+  absl::Status Start(OpKernelContext* ctx, Inputs* in,
+                     ForwardOutputs* outputs) const;
+  // The gradient op's start.
+  absl::Status Start(OpKernelContext* ctx, Inputs* in,
+                     GradOutputs* outputs) const;
 
   float scale_ = 0.0f;
+};
+
+// The kernel of the forward op (Outputs = ForwardOutputs) or the gradient
+// op (GradOutputs) whose pass is kRun (a device's): Compute starts, then runs
+// the pass unless q is empty. kRun gets the checked inputs (host pointers; a
+// device may point them at its copies) and the allocated outputs.
+template <typename Outputs,
+          absl::Status (*kRun)(OpKernelContext*, Inputs*, const Outputs&)>
+class BlockSparseAttentionPass : public BlockSparseAttentionKernel {
+ public:
+  using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
+
+  void Compute(OpKernelContext* ctx) override {
+    Inputs in;
+    Outputs outputs;
+    OP_REQUIRES_OK(ctx, Start(ctx, &in, &outputs));
+    if (ctx->input(0).NumElements() == 0) return;
+    OP_REQUIRES_OK(ctx, kRun(ctx, &in, outputs));
+  }
 };
 
 }  // namespace st_keras_ops

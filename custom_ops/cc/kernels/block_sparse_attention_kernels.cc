@@ -85,135 +85,116 @@ void FinishOutput(OpKernelContext* ctx, const Tensor& scratch, Tensor* t) {
   }
 }
 
-// The CPU core variant this process runs (ChosenCpuCore); an error when none
-// can run on this CPU, or ST_KERAS_CPU_ISA forces one it cannot run.
-absl::Status GetCpuCore(const ::st_keras::CpuCore** core) {
+// The forward pass: q, k, v in float32, the op's outputs.
+template <typename T>
+absl::Status CpuForward(OpKernelContext* ctx, const ::st_keras::CpuCore& core,
+                        const Inputs& in, const ForwardOutputs& outputs) {
+  const Tensor& q = ctx->input(0);
+  Tensor q32, k32, v32, out32, kt, workspace;
+  ::st_keras::ForwardArgs args;
+  args.shape = in.shape;
+  args.layout = in.layout;
+  const float* k = nullptr;
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, q, &q32, &args.q));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(1), &k32, &k));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(2), &v32, &args.v));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
+  TF_RETURN_IF_ERROR(FloatOutput<T>(ctx, outputs.out, &out32, &args.out));
+  TF_RETURN_IF_ERROR(AllocateWorkspace(
+      ctx, core.forward_workspace_floats(in.shape, in.layout), &workspace));
+  args.lse = outputs.lse->flat<float>().data();
+  args.stats = outputs.stats->flat<float>().data();
+  args.workspace = workspace.flat<float>().data();
+  auto parallel_for = MakeParallelFor(ctx);
+  const int64_t bh = in.shape.batch * in.shape.heads;
+  core.transpose_tiles(k, bh, in.layout.num_blocks, in.layout.block_size,
+                       in.shape.head_dim, kt.flat<float>().data(),
+                       parallel_for);
+  args.kt = kt.flat<float>().data();
+  core.forward(args, parallel_for);
+  FinishOutput<T>(ctx, out32, outputs.out);
+  return absl::OkStatus();
+}
+
+// The backward pass: q, k, v, out, dout in float32, delta, dq, dk, dv.
+template <typename T>
+absl::Status CpuBackward(OpKernelContext* ctx, const ::st_keras::CpuCore& core,
+                         const Inputs& in, const GradOutputs& outputs) {
+  const Tensor& q = ctx->input(0);
+  const Tensor& stats = ctx->input(4);
+  const Tensor& dlse = ctx->input(6);
+  ::st_keras::BackwardArgs args;
+  args.shape = in.shape;
+  args.layout = in.layout;
+  Tensor q32, k32, v32, out32, dout32, kt, vt, delta, dq32, dk32, dv32;
+  Tensor workspace;
+  const float* out = nullptr;
+  const float* v = nullptr;
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, q, &q32, &args.q));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(1), &k32, &args.k));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(2), &v32, &v));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(3), &out32, &out));
+  TF_RETURN_IF_ERROR(AsFloat<T>(ctx, ctx->input(5), &dout32, &args.dout));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, q.shape(), &vt));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_FLOAT, dlse.shape(), &delta));
+  TF_RETURN_IF_ERROR(FloatOutput<T>(ctx, outputs.dq, &dq32, &args.dq));
+  TF_RETURN_IF_ERROR(FloatOutput<T>(ctx, outputs.dk, &dk32, &args.dk));
+  TF_RETURN_IF_ERROR(FloatOutput<T>(ctx, outputs.dv, &dv32, &args.dv));
+  TF_RETURN_IF_ERROR(AllocateWorkspace(
+      ctx, core.backward_workspace_floats(in.shape, in.layout), &workspace));
+  args.workspace = workspace.flat<float>().data();
+
+  auto parallel_for = MakeParallelFor(ctx);
+  const int64_t bh = in.shape.batch * in.shape.heads;
+  const int64_t nb = in.layout.num_blocks, bs = in.layout.block_size;
+  const int64_t d = in.shape.head_dim;
+  core.transpose_tiles(args.k, bh, nb, bs, d, kt.flat<float>().data(),
+                       parallel_for);
+  core.transpose_tiles(v, bh, nb, bs, d, vt.flat<float>().data(),
+                       parallel_for);
+  core.row_deltas(args.dout, out, dlse.flat<float>().data(),
+                  bh * in.shape.seq_len, d, delta.flat<float>().data(),
+                  parallel_for);
+  args.kt = kt.flat<float>().data();
+  args.vt = vt.flat<float>().data();
+  args.stats = stats.flat<float>().data();
+  args.delta = delta.flat<float>().data();
+  core.backward(args, parallel_for);
+  FinishOutput<T>(ctx, dq32, outputs.dq);
+  FinishOutput<T>(ctx, dk32, outputs.dk);
+  FinishOutput<T>(ctx, dv32, outputs.dv);
+  return absl::OkStatus();
+}
+
+// The pass kPass (CpuForward or CpuBackward) of a kernel, on the core
+// variant this process runs (ChosenCpuCore); an error when none can run on
+// this CPU, or ST_KERAS_CPU_ISA forces one it cannot run.
+template <typename Outputs,
+          absl::Status (*kPass)(OpKernelContext*, const ::st_keras::CpuCore&,
+                                const Inputs&, const Outputs&)>
+absl::Status OnCpuCore(OpKernelContext* ctx, Inputs* in,
+                       const Outputs& outputs) {
   const ::st_keras::CpuCoreChoice& choice = ::st_keras::ChosenCpuCore();
   if (choice.core == nullptr) {
     return absl::FailedPreconditionError(choice.error);
   }
-  *core = choice.core;
-  return absl::OkStatus();
+  return kPass(ctx, *choice.core, *in, outputs);
 }
 
-template <typename T>
-class BlockSparseAttentionOp : public BlockSparseAttentionKernel {
- public:
-  using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
-
-  void Compute(OpKernelContext* ctx) override {
-    const ::st_keras::CpuCore* core = nullptr;
-    OP_REQUIRES_OK(ctx, GetCpuCore(&core));
-    Inputs in;
-    ForwardOutputs outputs;
-    OP_REQUIRES_OK(ctx, StartForward(ctx, &in, &outputs));
-    const Tensor& q = ctx->input(0);
-    if (q.NumElements() == 0) return;
-
-    Tensor q32, k32, v32, out32, kt, workspace;
-    ::st_keras::ForwardArgs args;
-    args.shape = in.shape;
-    args.layout = in.layout;
-    const float* k = nullptr;
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &q32, &args.q));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(1), &k32, &k));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(2), &v32, &args.v));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
-    OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.out, &out32, &args.out));
-    OP_REQUIRES_OK(ctx, AllocateWorkspace(
-                            ctx,
-                            core->forward_workspace_floats(in.shape,
-                                                           in.layout),
-                            &workspace));
-    args.lse = outputs.lse->flat<float>().data();
-    args.stats = outputs.stats->flat<float>().data();
-    args.workspace = workspace.flat<float>().data();
-    auto parallel_for = MakeParallelFor(ctx);
-    const int64_t bh = in.shape.batch * in.shape.heads;
-    core->transpose_tiles(k, bh, in.layout.num_blocks, in.layout.block_size,
-                          in.shape.head_dim, kt.flat<float>().data(),
-                          parallel_for);
-    args.kt = kt.flat<float>().data();
-    core->forward(args, parallel_for);
-    FinishOutput<T>(ctx, out32, outputs.out);
-  }
-};
-
-template <typename T>
-class BlockSparseAttentionGradOp : public BlockSparseAttentionKernel {
- public:
-  using BlockSparseAttentionKernel::BlockSparseAttentionKernel;
-
-  void Compute(OpKernelContext* ctx) override {
-    const ::st_keras::CpuCore* core = nullptr;
-    OP_REQUIRES_OK(ctx, GetCpuCore(&core));
-    Inputs in;
-    GradOutputs outputs;
-    OP_REQUIRES_OK(ctx, StartGrad(ctx, &in, &outputs));
-    const Tensor& q = ctx->input(0);
-    const Tensor& out = ctx->input(3);
-    const Tensor& stats = ctx->input(4);
-    const Tensor& dout = ctx->input(5);
-    const Tensor& dlse = ctx->input(6);
-    if (q.NumElements() == 0) return;
-
-    ::st_keras::BackwardArgs args;
-    args.shape = in.shape;
-    args.layout = in.layout;
-    Tensor q32, k32, v32, out32, dout32, kt, vt, delta, dq32, dk32, dv32;
-    Tensor workspace;
-    const float* out_f = nullptr;
-    const float* v = nullptr;
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, q, &q32, &args.q));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(1), &k32, &args.k));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, ctx->input(2), &v32, &v));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, out, &out32, &out_f));
-    OP_REQUIRES_OK(ctx, AsFloat<T>(ctx, dout, &dout32, &args.dout));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &kt));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, q.shape(), &vt));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_FLOAT, dlse.shape(), &delta));
-    OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.dq, &dq32, &args.dq));
-    OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.dk, &dk32, &args.dk));
-    OP_REQUIRES_OK(ctx, FloatOutput<T>(ctx, outputs.dv, &dv32, &args.dv));
-    OP_REQUIRES_OK(ctx, AllocateWorkspace(
-                            ctx,
-                            core->backward_workspace_floats(in.shape,
-                                                            in.layout),
-                            &workspace));
-    args.workspace = workspace.flat<float>().data();
-
-    auto parallel_for = MakeParallelFor(ctx);
-    const int64_t bh = in.shape.batch * in.shape.heads;
-    const int64_t nb = in.layout.num_blocks, bs = in.layout.block_size;
-    const int64_t d = in.shape.head_dim;
-    core->transpose_tiles(args.k, bh, nb, bs, d, kt.flat<float>().data(),
-                          parallel_for);
-    core->transpose_tiles(v, bh, nb, bs, d, vt.flat<float>().data(),
-                          parallel_for);
-    core->row_deltas(args.dout, out_f, dlse.flat<float>().data(),
-                     bh * in.shape.seq_len, d, delta.flat<float>().data(),
-                     parallel_for);
-    args.kt = kt.flat<float>().data();
-    args.vt = vt.flat<float>().data();
-    args.stats = stats.flat<float>().data();
-    args.delta = delta.flat<float>().data();
-    core->backward(args, parallel_for);
-    FinishOutput<T>(ctx, dq32, outputs.dq);
-    FinishOutput<T>(ctx, dk32, outputs.dk);
-    FinishOutput<T>(ctx, dv32, outputs.dv);
-  }
-};
-
-#define REGISTER_CPU(T)                                                   \
-  REGISTER_KERNEL_BUILDER(Name("SparseTransformer>BlockSparseAttention")  \
-                              .Device(DEVICE_CPU)                         \
-                              .TypeConstraint<T>("T"),                    \
-                          BlockSparseAttentionOp<T>);                     \
-  REGISTER_KERNEL_BUILDER(                                                \
-      Name("SparseTransformer>BlockSparseAttentionGrad")                  \
-          .Device(DEVICE_CPU)                                             \
-          .TypeConstraint<T>("T"),                                        \
-      BlockSparseAttentionGradOp<T>);
+#define REGISTER_CPU(T)                                                 \
+  REGISTER_KERNEL_BUILDER(                                              \
+      Name("SparseTransformer>BlockSparseAttention")                    \
+          .Device(DEVICE_CPU)                                           \
+          .TypeConstraint<T>("T"),                                      \
+      BlockSparseAttentionPass<                                         \
+          ForwardOutputs, OnCpuCore<ForwardOutputs, CpuForward<T>>>);   \
+  REGISTER_KERNEL_BUILDER(                                              \
+      Name("SparseTransformer>BlockSparseAttentionGrad")                \
+          .Device(DEVICE_CPU)                                           \
+          .TypeConstraint<T>("T"),                                      \
+      BlockSparseAttentionPass<                                         \
+          GradOutputs, OnCpuCore<GradOutputs, CpuBackward<T>>>);
 
 REGISTER_CPU(float);
 REGISTER_CPU(Eigen::half);

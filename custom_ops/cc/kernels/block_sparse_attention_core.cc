@@ -567,7 +567,7 @@ class Pass {
                 const ParallelFor& parallel_for) const;
 
  private:
-  // Tiles of one table head (all of them: lay.row_ptr[T * nb], over T).
+  // Tiles per table head: the table's total, row_ptr[T * nb], over T.
   int64_t TilesPerTableHead() const {
     return lay.row_ptr[lay.table_heads * nb] / lay.table_heads;
   }

@@ -5,7 +5,9 @@ tools/build_ops.sh when it is missing, with the TensorFlow of the Python that bu
 `pip install .` builds in an isolated environment whose requirements (pyproject.toml) include
 the pinned tensorflow-cpu; `pip install --no-build-isolation .` builds with the current
 environment's.
-Set ST_KERAS_REBUILD_OPS=1 to force a rebuild.
+Set ST_KERAS_REBUILD_OPS=1 to force a rebuild, or ST_KERAS_BUILD_OPS=0 to build no op library
+(no Bazel needed): the package then runs the pure-TensorFlow implementation, and the wheel is
+pure Python.
 """
 
 import os
@@ -21,6 +23,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPS_SO = os.path.join(HERE, "st_keras", "lib", "_st_keras_ops.so")
 
 
+def _flag(name):
+    """Whether the environment variable `name` is "1" (True), "0" (False) or unset (None)."""
+    value = os.environ.get(name)
+    if value not in (None, "0", "1"):
+        raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
+    return None if value is None else value == "1"
+
+
+BUILD_OPS = _flag("ST_KERAS_BUILD_OPS") is not False
+REBUILD_OPS = _flag("ST_KERAS_REBUILD_OPS") is True
+if REBUILD_OPS and not BUILD_OPS:
+    raise SystemExit("ST_KERAS_REBUILD_OPS=1 and ST_KERAS_BUILD_OPS=0 contradict each other")
+
+
 def build_op_library(python=sys.executable):
     """Runs tools/build_ops.sh (Bazel) with `python`'s TensorFlow."""
     env = dict(os.environ, PYTHON_BIN_PATH=python)
@@ -31,7 +47,7 @@ class BuildPyWithOps(build_py):
     """build_py that first makes sure the Bazel-built op library exists."""
 
     def run(self):
-        if os.environ.get("ST_KERAS_REBUILD_OPS") == "1" or not os.path.isfile(OPS_SO):
+        if BUILD_OPS and (REBUILD_OPS or not os.path.isfile(OPS_SO)):
             build_op_library()
         # data_files is computed lazily; drop any cached value so the fresh .so is picked up.
         self.__dict__.pop("data_files", None)
@@ -39,10 +55,11 @@ class BuildPyWithOps(build_py):
 
 
 class BinaryDistribution(Distribution):
-    """The wheel carries a native library: tag it for the platform, not as pure Python."""
+    """The wheel carries a native library (unless ST_KERAS_BUILD_OPS=0): tag it for the
+    platform, not as pure Python."""
 
     def has_ext_modules(self):
-        return True
+        return BUILD_OPS
 
 
 setup(
@@ -51,7 +68,8 @@ setup(
     description="Sparse Transformer (block-sparse attention) for Keras 3 / TensorFlow",
     license="Apache-2.0",
     packages=find_packages(include=["st_keras", "st_keras.*"]),
-    package_data={"st_keras": ["lib/*.so", "configs/*.yaml", "configs/README.md"]},
+    package_data={"st_keras": (["lib/*.so"] if BUILD_OPS else [])
+                  + ["configs/*.yaml", "configs/README.md"]},
     include_package_data=False,
     python_requires=">=3.11",
     # One source for the pins: requirements.txt (the development environment) lists these too.

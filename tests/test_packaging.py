@@ -42,24 +42,48 @@ def _run(args, **kwargs):
   return result.stdout
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-  # Built from a copy of the tracked files and the op library (already
-  # built by tools/setup.sh, so this only packs), leaving no build/ here.
+def _build_wheel(tmp_path_factory, with_library, env=None):
+  """A wheel built from a copy of the tracked files (and, `with_library`, the
+  op library already built by tools/setup.sh, so the build only packs),
+  leaving no build/ here."""
   source = tmp_path_factory.mktemp("source")
   tracked = _run(["git", "ls-files"], cwd=REPO).split("\n")
   built = [os.path.join("st_keras", "lib", name) for name in
            os.listdir(os.path.join(REPO, "st_keras", "lib"))
-           if name.endswith(".so")]
+           if name.endswith(".so")] if with_library else []
   for name in filter(None, tracked + built):
     if os.path.isfile(os.path.join(REPO, name)):
       os.makedirs(os.path.dirname(source / name), exist_ok=True)
       shutil.copy2(os.path.join(REPO, name), source / name)
   out = tmp_path_factory.mktemp("wheel")
   _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-        "--no-build-isolation", "--wheel-dir", str(out), str(source)])
+        "--no-build-isolation", "--wheel-dir", str(out), str(source)],
+       env=dict(os.environ, **(env or {})))
   (path,) = out.glob("st_keras-*.whl")
   return path
+
+
+def _install_fresh(wheel, tmp_path):
+  """Installs `wheel` into a fresh virtual environment; returns its python
+  and site-packages. The dependencies come from this environment (no
+  downloads in a test): its site-packages is appended to the fresh one's
+  path, after it, so the st_keras found first is the installed wheel's."""
+  venv = tmp_path / "venv"
+  _run([sys.executable, "-m", "venv", str(venv)])
+  python = str(venv / "bin" / "python")
+  fresh_site = _run([python, "-c", "import sysconfig; "
+                     "print(sysconfig.get_paths()['purelib'])"]).strip()
+  with open(os.path.join(fresh_site, "deps.pth"), "w") as f:
+    f.write(sysconfig.get_paths()["purelib"] + "\n")
+    f.writelines(p + "\n" for p in site.getsitepackages())
+  _run([python, "-m", "pip", "install", "--no-deps", "--no-index",
+        str(wheel)])
+  return python, fresh_site
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+  return _build_wheel(tmp_path_factory, with_library=True)
 
 
 def test_wheel_holds_the_op_library_and_the_configs(wheel):
@@ -76,20 +100,64 @@ def test_wheel_holds_the_op_library_and_the_configs(wheel):
 
 
 def test_wheel_runs_the_op_in_a_fresh_environment(wheel, tmp_path):
-  venv = tmp_path / "venv"
-  _run([sys.executable, "-m", "venv", str(venv)])
-  python = str(venv / "bin" / "python")
-  # The dependencies come from this environment (no downloads in a test):
-  # its site-packages is appended to the fresh one's path, after it, so the
-  # st_keras found first is the installed wheel's.
-  fresh_site = _run([python, "-c", "import sysconfig; "
-                     "print(sysconfig.get_paths()['purelib'])"]).strip()
-  with open(os.path.join(fresh_site, "deps.pth"), "w") as f:
-    f.write(sysconfig.get_paths()["purelib"] + "\n")
-    f.writelines(p + "\n" for p in site.getsitepackages())
-  _run([python, "-m", "pip", "install", "--no-deps", "--no-index",
-        str(wheel)])
+  python, fresh_site = _install_fresh(wheel, tmp_path)
   out = _run([python, "-c", SMOKE], cwd=tmp_path,
              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert "ok " + fresh_site in out
-  assert _run([str(venv / "bin" / "st-train"), "--help"]).count("demo_text")
+  assert _run([os.path.join(os.path.dirname(python), "st-train"),
+               "--help"]).count("demo_text")
+
+
+# Runs where the package was installed without the op library.
+PURE_SMOKE = """
+import warnings
+import numpy as np
+from st_keras import layouts, ops
+lay = layouts.fixed(64, 16, 32, 8, num_heads=2)
+q = k = v = np.random.default_rng(3).standard_normal((1, 2, 64, 16)).astype(
+    np.float32)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  out = ops.block_sparse_attention(q, k, v, lay).numpy()
+assert np.isfinite(out).all() and out.shape == (1, 2, 64, 16)
+assert any("falling back" in str(w.message) for w in caught), caught
+try:
+  ops.block_sparse_attention(q, k, v, lay, implementation="custom_op")
+except RuntimeError as err:
+  print("refused:", err)
+"""
+
+
+def test_a_wheel_without_the_op_library_runs_pure_tensorflow(
+    tmp_path_factory, tmp_path):
+  # ST_KERAS_BUILD_OPS=0: no library shipped (the source copy has none), a
+  # pure-Python wheel, and no Bazel run (the bazel found first fails).
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "bazel").write_text("#!/bin/sh\necho bazel ran >&2\nexit 3\n")
+  (fake_bin / "bazel").chmod(0o755)
+  pure = _build_wheel(tmp_path_factory, with_library=False,
+                      env={"ST_KERAS_BUILD_OPS": "0",
+                           "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+  names = zipfile.ZipFile(pure).namelist()
+  assert not [n for n in names if n.endswith(".so")], names
+  assert "st_keras/configs/demo_text.yaml" in names
+  assert pure.name.endswith("-py3-none-any.whl"), pure.name
+  python, _ = _install_fresh(pure, tmp_path)
+  out = _run([python, "-c", PURE_SMOKE], cwd=tmp_path,
+             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert "refused: the block-sparse attention op library failed to load" in out
+
+
+def test_contradicting_build_flags_are_refused():
+  result = subprocess.run(
+      [sys.executable, "setup.py", "--name"], cwd=REPO, capture_output=True,
+      text=True, env=dict(os.environ, ST_KERAS_BUILD_OPS="0",
+                          ST_KERAS_REBUILD_OPS="1"))
+  assert result.returncode != 0
+  assert "contradict" in result.stderr
+  result = subprocess.run(
+      [sys.executable, "setup.py", "--name"], cwd=REPO, capture_output=True,
+      text=True, env=dict(os.environ, ST_KERAS_BUILD_OPS="no"))
+  assert result.returncode != 0
+  assert "ST_KERAS_BUILD_OPS must be 0 or 1, got 'no'" in result.stderr

@@ -23,16 +23,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPS_SO = os.path.join(HERE, "st_keras", "lib", "_st_keras_ops.so")
 
 
-def _flag(name):
-    """Whether the environment variable `name` is "1" (True), "0" (False) or unset (None)."""
+def _flag(name, default):
+    """The environment variable `name` as a bool ("1" or "0"), `default` when unset."""
     value = os.environ.get(name)
     if value not in (None, "0", "1"):
         raise SystemExit(f"{name} must be 0 or 1, got {value!r}")
-    return None if value is None else value == "1"
+    return default if value is None else value == "1"
 
 
-BUILD_OPS = _flag("ST_KERAS_BUILD_OPS") is not False
-REBUILD_OPS = _flag("ST_KERAS_REBUILD_OPS") is True
+BUILD_OPS = _flag("ST_KERAS_BUILD_OPS", default=True)
+REBUILD_OPS = _flag("ST_KERAS_REBUILD_OPS", default=False)
 if REBUILD_OPS and not BUILD_OPS:
     raise SystemExit("ST_KERAS_REBUILD_OPS=1 and ST_KERAS_BUILD_OPS=0 contradict each other")
 

@@ -132,7 +132,10 @@ def _build_padded_tables(layout: layouts_lib.Layout, index: int) -> dict:
   key_block_pos = np.take_along_axis(
       perm.reshape(t_heads, nb, bs), gather.reshape(t_heads, nb * width, 1),
       axis=1)
-  query_rows = np.argsort(perm, axis=1).astype(np.int32)
+  # Kernel position of each original position: the inverse permutation,
+  # which perm_tables already holds.
+  query_rows = perm if comp.perm is None else (
+      perm_tables(layout, index)["inverse_perm"].numpy())
   mask_sel = mask_sel.reshape(t_heads, nb, width)
   key_block_pos = key_block_pos.reshape(t_heads, nb, width * bs)
   with tf.init_scope():
